@@ -1,0 +1,86 @@
+"""The set of endpoints the EPP may route to, fed by discovery, read by scheduling."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
+
+from epp.datalayer.endpoint import Endpoint, EndpointMetadata
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[str, Endpoint], None]  # ("added" | "removed" | "updated", endpoint)
+
+
+class EndpointPool:
+    """Endpoints keyed by ``ip:port``.
+
+    ``endpoints()`` returns a tuple built once per change, so the request path gets a cheap,
+    stable list. Discovery calls ``sync()`` with the full desired set; listeners (the
+    collector, stateful plugins) hear about additions and removals.
+    """
+
+    def __init__(self, name: str = "", namespace: str = "default") -> None:
+        self.name = name
+        self.namespace = namespace
+        self._by_key: dict[str, Endpoint] = {}
+        self._snapshot: tuple[Endpoint, ...] = ()
+        self._listeners: list[Listener] = []
+        self.synced = False
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._snapshot
+
+    def get(self, key: str) -> Endpoint | None:
+        return self._by_key.get(key)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self):
+        return iter(self._snapshot)
+
+    def upsert(self, meta: EndpointMetadata) -> Endpoint:
+        ep = self._by_key.get(meta.key)
+        if ep is None:
+            ep = Endpoint(meta)
+            self._by_key[meta.key] = ep
+            self._rebuild()
+            self._emit("added", ep)
+        elif ep.metadata != meta:
+            ep.metadata = meta
+            self._rebuild()
+            self._emit("updated", ep)
+        return ep
+
+    def remove(self, key: str) -> None:
+        ep = self._by_key.pop(key, None)
+        if ep is not None:
+            self._rebuild()
+            self._emit("removed", ep)
+
+    def sync(self, metas: Iterable[EndpointMetadata]) -> None:
+        """Make the pool hold exactly ``metas`` (by key); marks the pool synced."""
+        wanted = {m.key: m for m in metas}
+        for key in [k for k in self._by_key if k not in wanted]:
+            self.remove(key)
+        for meta in wanted.values():
+            self.upsert(meta)
+        self.synced = True
+
+    def _rebuild(self) -> None:
+        self._snapshot = tuple(self._by_key.values())
+
+    def _emit(self, event: str, ep: Endpoint) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, ep)
+            except Exception:  # one broken listener must not break discovery
+                log.exception("endpoint pool listener failed on %s %s", event, ep.key)

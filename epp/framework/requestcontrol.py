@@ -1,0 +1,101 @@
+"""Request-control extension points: parsing, data producers, admission, lifecycle hooks.
+
+Lifecycle hooks, in order, for each request that was scheduled:
+``PreRequest`` (after the pick), ``ResponseReceived`` (response headers),
+``ResponseStreaming`` (each body chunk, only when a plugin implements it),
+``ResponseComplete`` (exactly once, also when the client disconnects or the stream fails:
+``response.outcome`` says which).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Mapping, Sequence
+
+from epp.framework.plugin import Plugin
+from epp.framework.types import Candidate, InferenceRequest, InferenceResponse, Usage
+
+if TYPE_CHECKING:
+    from epp.framework.scheduling import CycleState, SchedulingResult
+
+
+class ParseError(ValueError):
+    """The request body is not valid for its API; becomes a 400 with this message."""
+
+
+class Parser(Plugin, ABC):
+    """Understands the request body (e.g. OpenAI JSON) and the response usage."""
+
+    @abstractmethod
+    def parse_request(self, body: bytes, headers: Mapping[str, str]) -> InferenceRequest:
+        """Build the request; raise ParseError for a body this parser rejects."""
+
+    @abstractmethod
+    def usage_reader(self, response_headers: Mapping[str, str]) -> "UsageReader":
+        """A fresh incremental reader of usage for one response."""
+
+
+class UsageReader(ABC):
+    """Fed every response body chunk; finds token usage without re-reading everything."""
+
+    @abstractmethod
+    def feed(self, chunk: bytes, end_of_stream: bool) -> Usage | None:
+        """Return usage once it is known (usually on the last chunk), else None."""
+
+
+class DataProducer(Plugin, ABC):
+    """Computes per-request data for scorers before scheduling (e.g. prefix matches).
+
+    Runs on the request path: it must not do I/O. ``produces``/``consumes`` are data keys;
+    producers run in dependency order.
+    """
+
+    produces: ClassVar[frozenset[str]] = frozenset()
+    consumes: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def produce(self, cycle: "CycleState", request: InferenceRequest, candidates: Sequence[Candidate]) -> None:
+        ...
+
+
+class SaturationDetector(Plugin, ABC):
+    @abstractmethod
+    def saturation(self, candidates: Sequence[Candidate]) -> float:
+        """0 = idle, >= 1.0 = saturated."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionDenied:
+    status: int
+    reason: str
+
+
+class Admitter(Plugin, ABC):
+    @abstractmethod
+    def admit(self, request: InferenceRequest, candidates: Sequence[Candidate]) -> AdmissionDenied | None:
+        """None to admit."""
+
+
+class PreRequest(ABC):
+    @abstractmethod
+    def pre_request(self, request: InferenceRequest, result: "SchedulingResult") -> None:
+        ...
+
+
+class ResponseReceived(ABC):
+    @abstractmethod
+    def response_received(self, request: InferenceRequest, response: InferenceResponse, target: str) -> None:
+        ...
+
+
+class ResponseStreaming(ABC):
+    @abstractmethod
+    def response_streaming(self, request: InferenceRequest, response: InferenceResponse, chunk: bytes, target: str) -> None:
+        ...
+
+
+class ResponseComplete(ABC):
+    @abstractmethod
+    def response_complete(self, request: InferenceRequest, response: InferenceResponse, target: str) -> None:
+        ...

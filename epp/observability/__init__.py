@@ -1,0 +1,1 @@
+"""The EPP's own metrics and logging."""

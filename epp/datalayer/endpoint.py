@@ -30,7 +30,7 @@ class EndpointMetadata:
     name: str = ""
     namespace: str = "default"
     metrics_port: int = 0
-    labels: Mapping[str, str] = field(default=_EMPTY)
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -67,13 +67,13 @@ class Metrics:
     waiting_queue_size: int = 0
     running_requests: int = 0
     kv_cache_usage: float = 0.0
-    active_models: Mapping[str, int] = field(default=_EMPTY)
-    waiting_models: Mapping[str, int] = field(default=_EMPTY)
+    active_models: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    waiting_models: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
     max_active_models: int = 0
     cache_block_size: int = 0
     cache_num_blocks: int = 0
-    custom: Mapping[str, float] = field(default=_EMPTY)
-    custom_time: Mapping[str, float] = field(default=_EMPTY)
+    custom: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    custom_time: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
     update_time: float = 0.0
 
     def with_updates(self, **changes: Any) -> "Metrics":

@@ -1,0 +1,155 @@
+"""The asyncio driver of one simulated server: a loop that runs engine steps.
+
+The loop plays the GPU: it asks the scheduler for the next step, sleeps for
+the step's cost (scaled by ``time_scale / speed``, with a little jitter) and
+applies it. Sleeping on a busy event loop overshoots, so steps are laid on a
+virtual clock: a step starts when the previous one *should* have ended, which
+keeps throughput right on a loaded machine; after idling or a long stall the
+clock restarts from now instead of bursting to catch up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import random
+from collections.abc import Sequence
+
+from epp.sim.config import SimConfig
+from epp.sim.scheduler import Scheduler, SimRequest
+from epp.sim.tokenizer import block_hashes
+
+
+class Engine:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.scheduler = Scheduler(config)
+        # Separate streams so a failure draw never changes an output length.
+        self._len_rng = random.Random(config.seed)
+        self._jitter_rng = random.Random(config.seed ^ 0x5EED)
+        self._ids = itertools.count()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._log_median = math.log(max(1, config.output_len_median))
+        self.steps = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is not None:
+            return
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"sim-engine-{self.config.name}")
+
+    async def stop(self) -> None:
+        """Stop stepping and finish every request as aborted so handlers return."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        sched = self.scheduler
+        now = asyncio.get_running_loop().time()
+        for req in [*sched.running, *sched.waiting]:
+            sched.abort(req, now)
+            _notify(req)
+
+    # -- requests ------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        model: str,
+        lora: str | None,
+        max_tokens: int,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        stream: bool = False,
+    ) -> SimRequest:
+        """Queue one sequence; the caller awaits ``wait()`` or polls ``num_output``."""
+        cfg = self.config
+        if ignore_eos:
+            target = max_tokens
+        else:
+            natural = int(self._len_rng.lognormvariate(self._log_median, cfg.output_len_sigma)) + 1
+            target = max(1, min_tokens, min(natural, max_tokens))
+            target = min(target, max_tokens)
+        req = SimRequest(
+            rid=f"{cfg.name}-{next(self._ids)}",
+            model=model,
+            lora=lora,
+            prompt_len=len(prompt_ids),
+            block_hashes=block_hashes(prompt_ids, cfg.block_size, model),
+            max_tokens=max_tokens,
+            target_len=target,
+            arrival=asyncio.get_running_loop().time(),
+            stream=stream,
+        )
+        self.scheduler.add(req)
+        if self._wake is not None:
+            self._wake.set()
+        return req
+
+    def abort(self, req: SimRequest) -> None:
+        if req.finish_reason is None:
+            self.scheduler.abort(req, asyncio.get_running_loop().time())
+            self._kick()
+
+    async def wait(self, reqs: Sequence[SimRequest]) -> None:
+        """Return once any of ``reqs`` has news (a token if streaming, else finished)."""
+        fut = asyncio.get_running_loop().create_future()
+        for req in reqs:
+            req.waiter = fut
+        await fut
+
+    def _kick(self) -> None:
+        # Aborts free KV and slots: let an idle-waiting loop re-check its queue.
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- the GPU -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sched = self.scheduler
+        wake = self._wake
+        assert wake is not None
+        factor = self.config.wall_factor
+        jitter = self.config.jitter
+        lo, hi = 1.0 - 3 * jitter, 1.0 + 3 * jitter
+        gauss = self._jitter_rng.gauss
+        clock = loop.time()  # when the previous step ended on the virtual clock
+        while True:
+            now = loop.time()
+            step = sched.schedule(now)
+            if step is None:
+                wake.clear()
+                await wake.wait()
+                clock = loop.time()
+                continue
+            dt = step.cost * factor
+            if jitter:
+                dt *= min(hi, max(lo, gauss(1.0, jitter)))
+            start = clock if now - clock < dt else now
+            clock = start + dt
+            delay = clock - now
+            # Always yield, so HTTP handlers run even when we are behind.
+            await asyncio.sleep(delay if delay > 0 else 0)
+            self.steps += 1
+            emitted, finished = sched.complete(step, loop.time())
+            for req in emitted:
+                if req.stream:
+                    _notify(req)
+            for req in finished:
+                if not req.stream:
+                    _notify(req)
+
+
+def _notify(req: SimRequest) -> None:
+    fut = req.waiter
+    if fut is not None and not fut.done():
+        fut.set_result(None)

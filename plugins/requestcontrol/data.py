@@ -1,0 +1,61 @@
+"""Per-request data keys that producers write into ``Candidate.data`` and scorers read.
+
+The key strings are upstream's data-key names, so ``consumes``/``produces`` declarations and
+log lines read the same as upstream's. Values are small immutable records; a producer may
+share one record between many candidates (e.g. every endpoint with no prefix match), so
+consumers must never mutate them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX_CACHE_MATCH_INFO_KEY = "PrefixCacheMatchInfoKey"
+INFLIGHT_LOAD_KEY = "InFlightLoadKey"
+
+
+class PrefixRequestState:
+    """What the prefix producer learned about one request, shared by all its candidates.
+
+    ``hashes`` are the request's chained block hashes (recorded into the index after the
+    pick); ``max_match`` is the best match over the candidates, so a consumer can tell a
+    cold request (no endpoint holds any block) from any candidate's record.
+    """
+
+    __slots__ = ("hashes", "total_blocks", "block_size_tokens", "block_size_chars", "max_match")
+
+    def __init__(self, hashes: tuple[int, ...], block_size_tokens: int, block_size_chars: int) -> None:
+        self.hashes = hashes
+        self.total_blocks = len(hashes)
+        self.block_size_tokens = block_size_tokens
+        self.block_size_chars = block_size_chars
+        self.max_match = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixCacheMatchInfo:
+    """How many of the request's leading blocks an endpoint is believed to hold."""
+
+    match_blocks: int
+    total_blocks: int
+    block_size_tokens: int
+    request: PrefixRequestState | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.match_blocks / self.total_blocks if self.total_blocks > 0 else 0.0
+
+    @property
+    def matched_tokens(self) -> int:
+        return self.match_blocks * self.block_size_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightLoad:
+    """Requests and estimated tokens this EPP has sent to an endpoint and not yet seen finish."""
+
+    requests: int = 0
+    tokens: int = 0
+
+
+NO_INFLIGHT = InFlightLoad()

@@ -1,0 +1,134 @@
+"""Prefix-cache scorers: reward cached prefixes, and spread cold requests across endpoints."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+from epp.framework import PreRequest, Scorer, register
+from epp.framework.plugin import Handle
+from epp.framework.scheduling import CycleState, SchedulingResult
+from epp.framework.types import Candidate, InferenceRequest
+from plugins.requestcontrol.data import PREFIX_CACHE_MATCH_INFO_KEY, PrefixCacheMatchInfo
+
+
+@dataclass
+class PrefixCacheScorerParams:
+    # Upstream moved these to approx-prefix-cache-producer and ignores them here; accepted
+    # so old configs load, with a warning saying where they belong.
+    autoTune: bool | None = None
+    blockSize: int | None = None
+    blockSizeTokens: int | None = None
+    maxPrefixBlocksToMatch: int | None = None
+    maxPrefixTokensToMatch: int | None = None
+    lruCapacityPerServer: int | None = None
+
+
+@register("prefix-cache-scorer")
+class PrefixCacheScorer(Scorer):
+    """matchBlocks / totalBlocks from the prefix producer's data; no data or no blocks -> 0."""
+
+    Params = PrefixCacheScorerParams
+    consumes = frozenset({PREFIX_CACHE_MATCH_INFO_KEY})
+
+    @classmethod
+    def create(cls, name: str, params: PrefixCacheScorerParams, handle: Handle) -> "PrefixCacheScorer":
+        legacy = [k for k, v in vars(params).items() if v is not None]
+        if legacy:
+            handle.warn(
+                f"plugin '{name}': parameters {', '.join(legacy)} are ignored by prefix-cache-scorer; "
+                "set them on an approx-prefix-cache-producer plugin"
+            )
+        return cls(name, params)
+
+    def score(self, cycle: CycleState, request: InferenceRequest, candidates: list[Candidate]) -> Sequence[float]:
+        key = PREFIX_CACHE_MATCH_INFO_KEY
+        out = []
+        for c in candidates:
+            info = c.data.get(key)
+            if info is None or not info.match_blocks:
+                out.append(0.0)
+            else:
+                out.append(info.match_blocks / info.total_blocks)
+        return out
+
+
+@dataclass
+class NoHitLRUParams:
+    prefixPluginType: str = "prefix-cache-scorer"  # accepted for compatibility: we read the producer's data
+    prefixPluginName: str = "prefix-cache-scorer"
+    lruSize: int = 1024
+    prefillProfile: str = "prefill"
+
+
+_PENDING_LIMIT = 8192  # cold/warm verdicts kept between Score and PreRequest
+
+
+@register("no-hit-lru-scorer")
+class NoHitLRUScorer(Scorer, PreRequest):
+    """Cold requests (no endpoint holds any of the prompt) go to the endpoint least recently
+    given a cold request; warm requests score 0.5 everywhere (prefix scoring decides).
+
+    Cold scores are LRU ranks: never-used endpoints first (1.0, then decreasing in candidate
+    order), then used ones from least to most recently used; score = 1 - rank / (n - 1).
+    """
+
+    Params = NoHitLRUParams
+    consumes = frozenset({PREFIX_CACHE_MATCH_INFO_KEY})
+
+    def __init__(self, name: str | None = None, params: NoHitLRUParams | None = None) -> None:
+        super().__init__(name, params)
+        self.size = self.params.lruSize if self.params.lruSize > 0 else 1024
+        self.lru: OrderedDict[str, None] = OrderedDict()  # oldest first
+        self._cold: OrderedDict[str, bool] = OrderedDict()  # request id -> cold?
+
+    @staticmethod
+    def is_cold(candidates: list[Candidate]) -> bool:
+        key = PREFIX_CACHE_MATCH_INFO_KEY
+        first = candidates[0].data.get(key) if candidates else None
+        if isinstance(first, PrefixCacheMatchInfo) and first.request is not None and first.request.max_match == 0:
+            return True  # nothing matched anywhere: no need to look at each candidate
+        for c in candidates:
+            info = c.data.get(key)
+            if info is not None and info.match_blocks > 0:
+                return False
+        return True
+
+    def score(self, cycle: CycleState, request: InferenceRequest, candidates: list[Candidate]) -> Sequence[float]:
+        cold = self.is_cold(candidates)
+        self._cold[request.request_id] = cold
+        if len(self._cold) > _PENDING_LIMIT:  # requests that never reached PreRequest
+            self._cold.popitem(last=False)
+        n = len(candidates)
+        if not cold:
+            return [0.5] * n
+        if n == 1:
+            return [1.0]
+        positions = {k: i for i, k in enumerate(self.lru)}
+        pos = [positions.get(c.key) for c in candidates]
+        never_used = pos.count(None)
+        denom = float(n - 1)
+        out = []
+        i = 0  # rank among never-used endpoints, in candidate order
+        for p in pos:
+            if p is None:
+                rank = i
+                i += 1
+            else:
+                rank = never_used + p
+            s = 1.0 - rank / denom
+            out.append(s if s > 0.0 else 0.0)
+        return out
+
+    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
+        if not self._cold.pop(request.request_id, False):
+            return
+        for profile in (result.primary_profile, self.params.prefillProfile):
+            res = result.profile_results.get(profile)
+            if res is not None and res.targets:
+                key = res.targets[0].key
+                self.lru[key] = None
+                self.lru.move_to_end(key)
+                if len(self.lru) > self.size:
+                    self.lru.popitem(last=False)

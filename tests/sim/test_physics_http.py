@@ -1,0 +1,207 @@
+"""Engine physics seen by a real client over HTTP, in wall-clock time.
+
+The machine may be loaded (2 cores, other suites running), so every check
+compares relative quantities with wide margins, never absolute times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from epp.sim import SimFleet
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@dataclass
+class Timing:
+    ttft: float
+    token_times: list[float]
+    cached_tokens: int
+
+    @property
+    def mean_itl(self) -> float:
+        t = self.token_times
+        return (t[-1] - t[0]) / (len(t) - 1)
+
+
+async def stream(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int,
+                 model: str = MODEL) -> Timing:
+    """One streaming completion with ignore_eos; client-side token arrival times."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    times: list[float] = []
+    cached = -1
+    async with session.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for line in r.content:
+            if line.startswith(b"data: {") and b'"usage"' in line and b'"choices":[]' in line:
+                cached = int(line.split(b'"cached_tokens":')[1].split(b"}")[0])
+            elif line.startswith(b"data: {"):
+                times.append(time.perf_counter() - start)
+    return Timing(times[0], times, cached)
+
+
+def doc(i: int, tokens: int) -> str:
+    """A prompt of exactly ``tokens`` tokens (4 bytes each), unique per ``i``."""
+    return f"{i:08d}" + "abcd" * (tokens - 2)
+
+
+async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(url + "/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, sample.value)
+    return out
+
+
+async def test_time_scale_scales_latencies_proportionally(make_fleet) -> None:
+    fast = await make_fleet(1, time_scale=0.1, jitter=0.0)
+    slow = await make_fleet(1, time_scale=0.3, jitter=0.0)
+    async with aiohttp.ClientSession() as s:
+        t_fast = [await stream(s, fast.urls[0], doc(i, 1000), 20) for i in range(3)]
+        t_slow = [await stream(s, slow.urls[0], doc(i, 1000), 20) for i in range(3)]
+    e2e_fast = statistics.median(t.token_times[-1] for t in t_fast)
+    e2e_slow = statistics.median(t.token_times[-1] for t in t_slow)
+    ttft_fast = statistics.median(t.ttft for t in t_fast)
+    ttft_slow = statistics.median(t.ttft for t in t_slow)
+    # Model time: TTFT 210 ms, e2e ~408 ms. Expected ratio 3; HTTP overhead pulls it down a little.
+    assert 2.0 < e2e_slow / e2e_fast < 4.0
+    assert 1.8 < ttft_slow / ttft_fast < 4.0
+
+
+async def test_slower_server_in_a_heterogeneous_fleet(make_fleet) -> None:
+    fleet = await make_fleet(2, speeds=[1.0, 0.5], jitter=0.0)
+    async with aiohttp.ClientSession() as s:
+        normal = await stream(s, fleet.urls[0], doc(1, 500), 30)
+        half = await stream(s, fleet.urls[1], doc(1, 500), 30)
+    assert half.token_times[-1] > 1.5 * normal.token_times[-1]
+
+
+async def test_ttft_grows_with_queue_length(make_fleet) -> None:
+    sim: SimFleet = await make_fleet(1, max_num_seqs=4)
+    url = sim.urls[0]
+    async with aiohttp.ClientSession() as s:
+        alone = await stream(s, url, doc(0, 200), 1)
+        # 12 long requests ahead: the probe waits for two rounds of 4 to finish.
+        background = [asyncio.create_task(stream(s, url, doc(i, 200), 60)) for i in range(1, 13)]
+        await asyncio.sleep(0.01)
+        queued = await stream(s, url, doc(99, 200), 1)
+        await asyncio.gather(*background)
+    assert queued.ttft > 4 * alone.ttft
+
+
+async def test_repeated_long_prompt_is_cached_and_faster(make_fleet) -> None:
+    sim: SimFleet = await make_fleet(1)
+    prompt = doc(7, 2000)
+    async with aiohttp.ClientSession() as s:
+        first = await stream(s, sim.urls[0], prompt, 2)
+        second = await stream(s, sim.urls[0], prompt, 2)
+    assert first.cached_tokens == 0
+    assert second.cached_tokens >= 1984
+    # Model time: 410 ms vs ~13 ms.
+    assert second.ttft < first.ttft / 3
+
+
+async def test_filling_kv_cache_causes_preemptions(make_fleet) -> None:
+    sim: SimFleet = await make_fleet(1, num_gpu_blocks=96, max_model_len=1536)
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*(stream(s, sim.urls[0], doc(i, 100), 200) for i in range(8)))
+        metrics = await scrape(s, sim.urls[0])
+    assert all(len(r.token_times) == 200 for r in results)
+    assert metrics["vllm:num_preemptions_total"] > 0
+    assert metrics["vllm:num_preemptions_total"] == sim.servers[0].engine.scheduler.stats.preemptions
+
+
+async def test_inter_token_latency_grows_with_batch_size(make_fleet) -> None:
+    sim: SimFleet = await make_fleet(1, time_scale=0.5, jitter=0.0)
+    url = sim.urls[0]
+    async with aiohttp.ClientSession() as s:
+        single = await stream(s, url, doc(0, 16), 40)
+        batch = await asyncio.gather(*(stream(s, url, doc(i, 16), 40) for i in range(1, 33)))
+    itl_batch = statistics.median(t.mean_itl for t in batch)
+    # Model time: 10.4 ms at batch 1 vs 22.8 ms at batch 32 (ratio 2.2).
+    assert itl_batch > 1.4 * single.mean_itl
+
+
+async def test_non_resident_adapter_costs_a_load(make_fleet) -> None:
+    # A 500 ms load (model time) so the difference dwarfs any scheduling noise.
+    sim: SimFleet = await make_fleet(1, lora_load_s=0.5, jitter=0.0)
+    url = sim.urls[0]
+    async with aiohttp.ClientSession() as s:
+        cold = await stream(s, url, doc(1, 64), 2, model="adapter-a")
+        warm = await stream(s, url, doc(2, 64), 2, model="adapter-a")
+        base = await stream(s, url, doc(3, 64), 2)
+        metrics = await scrape(s, url)
+    # Model time: cold TTFT 73 ms, warm 23 ms (x time_scale 0.1).
+    assert cold.ttft - warm.ttft > 0.5 * 0.5 * 0.1
+    assert warm.ttft < 0.5 * cold.ttft
+    assert base.ttft < 0.5 * cold.ttft
+    assert metrics["sim:lora_adapter_loads_total"] == 1
+
+
+async def test_metrics_match_engine_state_at_scrape_time(make_fleet) -> None:
+    # Requests long enough that nothing finishes while we look.
+    sim: SimFleet = await make_fleet(1, max_num_seqs=2, time_scale=1.0)
+    server = sim.servers[0]
+    sched = server.engine.scheduler
+    async with aiohttp.ClientSession() as s:
+        tasks = [asyncio.create_task(stream(s, sim.urls[0], doc(i, 300), 5000 if i < 2 else 10,
+                                            model="adapter-a" if i == 4 else MODEL))
+                 for i in range(5)]
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(sched.running) == 2 and all(r.num_output > 0 for r in sched.running):
+                break
+        async with s.get(sim.urls[0] + "/metrics") as r:
+            text = await r.text()
+        running, waiting, usage = len(sched.running), len(sched.waiting), sched.kv.usage
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(name: str) -> float:
+        return families[name].samples[0].value
+
+    assert value("vllm:num_requests_running") == running == 2
+    assert value("vllm:num_requests_waiting") == waiting == 3
+    # KV grows by a block every 16 tokens; allow one block per running request.
+    assert abs(value("vllm:kv_cache_usage_perc") - usage) <= 2 / server.config.num_gpu_blocks
+    assert value("vllm:kv_cache_usage_perc") == value("vllm:gpu_cache_usage_perc")
+    assert value("vllm:kv_cache_usage_perc") >= 2 * 19 / server.config.num_gpu_blocks
+    lora = max(families["vllm:lora_requests_info"].samples, key=lambda smp: smp.value)
+    assert lora.labels["max_lora"] == "4"
+    assert lora.labels["running_lora_adapters"] == ""
+    assert lora.labels["waiting_lora_adapters"] == "adapter-a"
+    info = families["vllm:cache_config_info"].samples[0].labels
+    assert (info["block_size"], info["num_gpu_blocks"]) == ("16", "2048")
+
+
+async def test_client_disconnect_frees_the_engine(make_fleet) -> None:
+    sim: SimFleet = await make_fleet(1)
+    sched = sim.servers[0].engine.scheduler
+    async with aiohttp.ClientSession() as s:
+        task = asyncio.create_task(stream(s, sim.urls[0], doc(0, 500), 5000))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if sched.running:
+                break
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for _ in range(200):
+            if not sched.running:
+                break
+            await asyncio.sleep(0.01)
+    assert not sched.running and not sched.waiting
+    assert sched.kv.num_used == 0
+    assert sched.stats.success["abort"] == 1

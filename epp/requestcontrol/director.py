@@ -1,0 +1,422 @@
+"""The per-request pipeline: from a complete request to a routing decision, and back.
+
+``Director.handle_request`` runs, in order: parse the body (parser plugin), rewrite the
+model, map the objective to a priority, narrow the schedulable endpoints by the subset
+hint, run the data producers, admission (shed sheddable requests when saturated), the
+admitter plugins, the scheduler, and the pre-request hooks. It returns a
+``RequestContext`` that the transport (ext_proc) drives through the response:
+``response_headers`` -> ``response_chunk``* -> ``complete``. ``complete`` runs exactly once
+per scheduled request whatever happens (end of stream, client disconnect, error, timeout),
+which is what keeps in-flight counts honest.
+
+Everything here is synchronous and does no I/O: plugins read snapshots. Errors are
+``RequestError`` (code + message) that the transport turns into an ImmediateResponse.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+from epp.config.model import LoadedConfig
+from epp.datalayer.endpoint import Endpoint, now
+from epp.datalayer.pool import EndpointPool
+from epp.framework.requestcontrol import ParseError, UsageReader
+from epp.framework.scheduling import CycleState, SchedulingResult
+from epp.framework.types import Candidate, InferenceRequest, InferenceResponse
+from epp.observability import metrics as m
+from epp.observability.decisions import Decision, DecisionLog, debug_header_value, wall_time
+from epp.requestcontrol import errors as E
+from epp.requestcontrol.candidates import filter_by_subset, schedulable_source, subset_hint
+from epp.requestcontrol.rewrite import ModelRewriter, ResponseModelReverser, reserialize
+from epp.scheduling.admission import LegacyAdmission
+from epp.scheduling.scheduler import Scheduler, SchedulingError
+
+log = logging.getLogger(__name__)
+
+DEST_HEADER = "x-gateway-destination-endpoint"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+REQUEST_ID_HEADER = "x-request-id"
+DEBUG_REQUEST_HEADER = "x-epp-debug"
+DEBUG_RESPONSE_HEADER = "x-epp-decision"
+
+# Which responses the EPP wants to read the body of (issue 8: in a mode that allows it, the
+# transport tells Envoy to stop sending bodies we do not need; token-usage metrics for
+# those responses are then lost).
+ResponseBodyPolicy = Literal["always", "non-streaming", "never"]
+
+
+@dataclass
+class DirectorOptions:
+    disable_subset_filter: bool = False
+    enable_debug_headers: bool = False
+    response_body_policy: ResponseBodyPolicy = "always"
+    decision_log_size: int = 200
+    pool_name: str = ""
+
+
+class _Labelled:
+    """Caches ``metric.labels(...)`` children: the lookup costs more than the observation."""
+
+    __slots__ = ("_metric", "_cache")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._cache.get(labels)
+        if child is None:
+            child = self._cache[labels] = self._metric.labels(*labels)
+        return child
+
+
+_REQ_TOTAL = _Labelled(m.REQUEST_TOTAL)
+_REQ_ERRORS = _Labelled(m.REQUEST_ERROR_TOTAL)
+_REQ_DURATION = _Labelled(m.REQUEST_DURATION)
+_REQ_SIZES = _Labelled(m.REQUEST_SIZES)
+_RESP_SIZES = _Labelled(m.RESPONSE_SIZES)
+_IN_TOKENS = _Labelled(m.INPUT_TOKENS)
+_OUT_TOKENS = _Labelled(m.OUTPUT_TOKENS)
+_CACHED_TOKENS = _Labelled(m.PROMPT_CACHED_TOKENS)
+_NTPOT = _Labelled(m.NTPOT)
+_RUNNING = _Labelled(m.RUNNING_REQUESTS)
+_ATTEMPTS = _Labelled(m.SCHEDULER_ATTEMPTS)
+_PLUGIN_DURATION = _Labelled(m.PLUGIN_DURATION)
+_REWRITES = _Labelled(m.MODEL_REWRITE_DECISIONS)
+_SCHED_E2E = m.SCHEDULER_E2E
+
+
+def _record_error(model: str, target: str, code: str) -> None:
+    _REQ_ERRORS(model, target, code).inc()
+
+
+class _Runtime:
+    """Everything derived from one LoadedConfig; swapped whole on reload."""
+
+    def __init__(self, config: LoadedConfig, rng: random.Random) -> None:
+        self.config = config
+        self.parser = config.parser
+        self.scheduler = Scheduler(config.profile_handler, config.profiles)
+        self.rewriter = ModelRewriter(config.model_rewrites, rng)
+        self.objectives = {name: o.priority for name, o in config.objectives.items()}
+        self.producers = list(config.producers)
+        self.admitters = list(config.admitters)
+        self.saturation = config.saturation_detector
+        self.admission = LegacyAdmission(config.saturation_detector)
+        self.pre_request = [(p, _PLUGIN_DURATION("PreRequest", _ptype(p), _pname(p))) for p in config.pre_request]
+        self.received = [(p, _PLUGIN_DURATION("ResponseReceived", _ptype(p), _pname(p))) for p in config.response_received]
+        self.streaming = list(config.response_streaming)
+        self.complete = [(p, _PLUGIN_DURATION("ResponseComplete", _ptype(p), _pname(p))) for p in config.response_complete]
+
+
+def _ptype(p: Any) -> str:
+    return getattr(p, "plugin_type", "") or type(p).__name__
+
+
+def _pname(p: Any) -> str:
+    return getattr(p, "name", "") or type(p).__name__
+
+
+class Director:
+    def __init__(self, config: LoadedConfig, pool: EndpointPool, options: DirectorOptions | None = None,
+                 *, rng: random.Random | None = None,
+                 schedulable: Callable[[EndpointPool], Sequence[Endpoint]] | None = None) -> None:
+        self.pool = pool
+        self.options = options or DirectorOptions()
+        self._rng = rng or random.Random()
+        self._rt = _Runtime(config, self._rng)
+        self._schedulable = schedulable or schedulable_source()
+        self.decisions = DecisionLog(self.options.decision_log_size)
+        self.in_flight = 0  # scheduled requests whose ``complete`` has not run yet
+        self._warned: set[tuple[str, str]] = set()
+
+    # --- configuration ---------------------------------------------------------------------
+    @property
+    def config(self) -> LoadedConfig:
+        return self._rt.config
+
+    def swap_config(self, config: LoadedConfig) -> None:
+        """Use a new config for new requests; requests in flight finish with the old one."""
+        self._rt = _Runtime(config, self._rng)
+
+    # --- request path ----------------------------------------------------------------------
+    def handle_request(self, headers: dict[str, str], body: bytes,
+                       metadata: Mapping[str, Any] | None = None) -> "RequestContext":
+        """Pick an endpoint for a complete request; raises ``RequestError``."""
+        t0 = time.perf_counter()
+        rt = self._rt
+        model = target = ""
+        try:
+            try:
+                req = rt.parser.parse_request(body, headers)
+            except ParseError as e:
+                raise E.bad_request(str(e)) from None
+            except E.RequestError:
+                raise
+            except Exception as e:  # a parser bug must not take the stream down
+                log.exception("parser %s failed", _pname(rt.parser))
+                raise E.bad_request(f"cannot parse request body: {type(e).__name__}: {e}") from None
+            req.request_id = headers.get(REQUEST_ID_HEADER) or req.request_id or str(uuid.uuid4())
+            req.received_at = now()
+            if not req.body:
+                req.body = body
+            payload = req.payload
+            if payload is not None:
+                incoming = payload.get("model")
+                if not isinstance(incoming, str) or not incoming:
+                    raise E.bad_request(E.MSG_MODEL_MISSING)
+                req.incoming_model = model = incoming
+            else:
+                model = req.incoming_model
+            target, rule = rt.rewriter.target(model, headers)
+            req.target_model = target
+            if rule is not None:
+                _REWRITES(rule, model, target).inc()
+            objective = headers.get(OBJECTIVE_HEADER, "")
+            if objective:
+                req.objective = objective
+                req.priority = rt.objectives.get(objective, 0)
+
+            candidates = self._candidates(metadata)
+            if not candidates:
+                raise E.unavailable(E.MSG_NO_CANDIDATES)
+            cycle = CycleState()
+            self._run_producers(rt, cycle, req, candidates)
+            self._admit(rt, req, candidates)
+
+            ts = time.perf_counter()
+            try:
+                result = rt.scheduler.schedule(req, candidates, cycle)
+                targets = result.targets
+            except (SchedulingError, LookupError) as e:
+                _SCHED_E2E.observe(time.perf_counter() - ts)
+                _ATTEMPTS("failure", target, "", "", "").inc()
+                raise E.exhausted(f"failed to find target endpoint: {e}") from None
+            sched_s = time.perf_counter() - ts
+            _SCHED_E2E.observe(sched_s)
+            if not targets:
+                _ATTEMPTS("failure", target, "", "", "").inc()
+                raise E.exhausted("failed to find target endpoint: no target endpoint picked")
+            primary = targets[0].metadata
+            _ATTEMPTS("success", target, primary.name, primary.namespace, str(primary.port)).inc()
+            dest = targets[0].key if len(targets) == 1 else ",".join(c.key for c in targets)
+
+            for plugin, hist in rt.pre_request:
+                tp = time.perf_counter()
+                try:
+                    plugin.pre_request(req, result)
+                except Exception:
+                    self._warn_once(plugin, "pre_request")
+                hist.observe(time.perf_counter() - tp)
+        except E.RequestError as e:
+            _record_error(model, target, e.code)
+            raise
+
+        body_out: bytes | None = None
+        if target != model and payload is not None:
+            body_out = reserialize(payload, target)
+        ctx = RequestContext(self, rt, req, result, dest, body_out, t0)
+        total_s = time.perf_counter() - t0
+        decision = Decision(wall_time(), req.request_id, model, target, req.priority, len(candidates), result,
+                            dest, sched_s, total_s)
+        self.decisions.add(decision)
+        if self.options.enable_debug_headers and headers.get(DEBUG_REQUEST_HEADER) == "1":
+            ctx.debug_value = debug_header_value(decision)
+        _REQ_TOTAL(model, target, str(req.priority)).inc()
+        _REQ_SIZES(model, target).observe(len(body))
+        _RUNNING(model).inc()
+        self.in_flight += 1
+        return ctx
+
+    def handle_headers_only(self, headers: Mapping[str, str]) -> str:
+        """A request without a body (e.g. GET /v1/models): any endpoint, uniformly at random.
+
+        As upstream, the subset hint is not consulted and no hooks run (nothing was scheduled).
+        """
+        endpoints = self._schedulable(self.pool) or self.pool.endpoints()
+        if not endpoints:
+            _record_error("", "", "Internal")
+            raise E.internal(E.MSG_NO_PODS)
+        return self._rng.choice(endpoints).key
+
+    # --- pipeline steps --------------------------------------------------------------------
+    def _candidates(self, metadata: Mapping[str, Any] | None) -> list[Candidate]:
+        endpoints = self._schedulable(self.pool)
+        if not self.options.disable_subset_filter:
+            entries = subset_hint(metadata)
+            if entries is not None:
+                endpoints = filter_by_subset(endpoints, entries) if entries else []
+        return [Candidate(ep) for ep in endpoints]
+
+    def _run_producers(self, rt: _Runtime, cycle: CycleState, req: InferenceRequest, cands: list[Candidate]) -> None:
+        for producer in rt.producers:
+            try:
+                producer.produce(cycle, req, cands)
+            except Exception:
+                # Upstream logs and goes on: a producer failing only loses its data.
+                self._warn_once(producer, "produce")
+
+    def _admit(self, rt: _Runtime, req: InferenceRequest, cands: list[Candidate]) -> None:
+        if req.priority < 0:  # only sheddable requests are checked (upstream legacy admission)
+            try:
+                denied = rt.admission.check(req, cands)
+            except Exception:
+                self._warn_once(rt.saturation, "saturation")
+                denied = None
+            if denied is not None:
+                raise E.exhausted(denied.reason or E.MSG_SHED)
+        for admitter in rt.admitters:
+            try:
+                denied = admitter.admit(req, cands)
+            except Exception:
+                self._warn_once(admitter, "admit")
+                denied = None
+            if denied is not None:
+                raise E.RequestError.from_status(denied.status or 500, denied.reason or E.MSG_NOT_ADMITTED)
+
+    def _warn_once(self, plugin: Any, where: str) -> None:
+        key = (_pname(plugin), where)
+        if key in self._warned:
+            log.debug("plugin %s failed in %s again", key[0], where, exc_info=True)
+            return
+        self._warned.add(key)
+        log.exception("plugin %s (%s) failed in %s; further failures are logged at debug level",
+                      key[0], _ptype(plugin), where)
+
+
+class RequestContext:
+    """One scheduled request, from the pick to the end of its response."""
+
+    __slots__ = ("director", "rt", "request", "result", "target", "body_out", "started", "response",
+                 "debug_value", "done", "_reader", "_reverse", "_usage_done")
+
+    def __init__(self, director: Director, rt: _Runtime, request: InferenceRequest, result: SchedulingResult,
+                 target: str, body_out: bytes | None, started: float) -> None:
+        self.director = director
+        self.rt = rt
+        self.request = request
+        self.result = result
+        self.target = target
+        self.body_out = body_out
+        self.started = started
+        self.response = InferenceResponse(request.request_id)
+        self.debug_value: str | None = None
+        self.done = False
+        self._reader: UsageReader | None = None
+        self._reverse = (ResponseModelReverser(request.incoming_model, request.target_model)
+                         if body_out is not None else None)
+        self._usage_done = False
+
+    # --- what the transport sends upstream -------------------------------------------------
+    def request_headers_to_set(self) -> list[tuple[str, str]]:
+        """Headers for the routed request: destination, Content-Length if the body changed,
+        and any header a plugin added."""
+        out = [(DEST_HEADER, self.target)]
+        if self.body_out is not None:
+            out.append(("content-length", str(len(self.body_out))))
+        added = self.request.added_headers
+        if added:
+            out.extend(added.items())
+        return out
+
+    # --- response side ---------------------------------------------------------------------
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> dict[str, str]:
+        """Response headers arrived; returns the headers to add to the client's response."""
+        resp = self.response
+        resp.headers = headers
+        status = headers.get(":status", "")
+        resp.status = int(status) if status.isdigit() else 0
+        resp.streaming = "text/event-stream" in headers.get("content-type", "") or self.request.stream
+        for plugin, hist in self.rt.received:
+            tp = time.perf_counter()
+            try:
+                plugin.response_received(self.request, resp, self.target)
+            except Exception:
+                self.director._warn_once(plugin, "response_received")
+            hist.observe(time.perf_counter() - tp)
+        added = dict(resp.added_headers)
+        if self.debug_value is not None:
+            added[DEBUG_RESPONSE_HEADER] = self.debug_value
+        if end_of_stream:
+            resp.end_of_stream = True
+            self.complete("complete")
+        return added
+
+    def wants_response_body(self) -> bool:
+        policy = self.director.options.response_body_policy
+        if policy == "always" or self.rt.streaming:  # streaming hooks need the chunks
+            return True
+        if policy == "never":
+            return False
+        return not self.response.streaming
+
+    def response_chunk(self, chunk: bytes, end_of_stream: bool) -> bytes:
+        """One response body chunk; returns the bytes to forward (model name restored)."""
+        resp = self.response
+        resp.bytes += len(chunk)
+        if not self._usage_done:
+            reader = self._reader
+            if reader is None:
+                reader = self._reader = self.rt.parser.usage_reader(resp.headers)
+            try:
+                usage = reader.feed(chunk, end_of_stream)
+            except Exception:
+                self.director._warn_once(self.rt.parser, "usage_reader")
+                usage = None
+                self._usage_done = True
+            if usage is not None:
+                resp.usage = usage
+                self._usage_done = True
+        if self.rt.streaming:
+            for plugin in self.rt.streaming:
+                try:
+                    plugin.response_streaming(self.request, resp, chunk, self.target)
+                except Exception:
+                    self.director._warn_once(plugin, "response_streaming")
+        if self._reverse is not None and chunk:
+            chunk = self._reverse(chunk)
+        if end_of_stream:
+            resp.end_of_stream = True
+            self.complete("complete")
+        return chunk
+
+    def complete(self, outcome: str) -> None:
+        """Idempotent: the first call wins, later ones do nothing."""
+        if self.done:
+            return
+        self.done = True
+        director = self.director
+        director.in_flight -= 1
+        req, resp = self.request, self.response
+        resp.outcome = outcome
+        model, target = req.incoming_model, req.target_model
+        _RUNNING(model).dec()
+        if outcome == "complete":
+            elapsed = time.perf_counter() - self.started
+            _REQ_DURATION(model, target).observe(elapsed)
+            _RESP_SIZES(model, target).observe(resp.bytes)
+            usage = resp.usage
+            if usage is not None:
+                if usage.prompt_tokens:
+                    _IN_TOKENS(model, target).observe(usage.prompt_tokens)
+                if usage.completion_tokens:
+                    _OUT_TOKENS(model, target).observe(usage.completion_tokens)
+                    _NTPOT(model, target).observe(elapsed / usage.completion_tokens)
+                if usage.cached_tokens:
+                    _CACHED_TOKENS(model, target).observe(usage.cached_tokens)
+            if resp.status >= 400:
+                _record_error(model, target, "ModelServerError")
+        elif outcome == "error":
+            _record_error(model, target, "ModelServerError")
+        for plugin, hist in self.rt.complete:
+            tp = time.perf_counter()
+            try:
+                plugin.response_complete(req, resp, self.target)
+            except Exception:
+                director._warn_once(plugin, "response_complete")
+            hist.observe(time.perf_counter() - tp)

@@ -1,0 +1,301 @@
+"""Seeded, open-loop benchmark workloads.
+
+A workload is a fixed list of requests with Poisson arrival times, generated from a seed, so
+every routing policy sees exactly the same traffic. Times are in *model seconds* (what an 8B
+model on one H100 would take, the sim's unit); the load generator multiplies them by the sim
+fleet's ``--time-scale`` to get wall-clock times.
+
+Output lengths are drawn here and enforced with ``ignore_eos`` + ``min_tokens``, so the work a
+request causes does not depend on which server (and which server-side random stream) gets it.
+
+Prompt sizes are exact under the sim's tokenizer (4 bytes per token): a prompt of N tokens is
+4*N ASCII bytes.
+
+The three workloads follow issue 7 and research/mock-and-peers.md A3.4:
+
+- ``shared_prefix``: tenants with long system prompts whose total working set exceeds one
+  server's KV cache but fits the fleet's; round-robin thrashes every server's prefix cache,
+  affinity keeps hits high.
+- ``mixed_lengths``: unique prompts with heavy-tailed prompt and output lengths, at a chosen
+  fraction of fleet capacity; load-blind routing builds queues behind long requests.
+- ``lora``: more adapters than LoRA slots, Zipf popularity; affinity avoids adapter loads and
+  slot contention.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+BYTES_PER_TOKEN = 4  # the sim tokenizer's rule (epp/sim/tokenizer.py)
+
+# A small vocabulary is enough: the sim tokenizer works on bytes, and the EPP's approximate
+# prefix index works on characters; neither cares whether the words are real.
+_WORDS = (
+    "the of and to in is for on that with as by at from this be are or an it not which have "
+    "model server token cache request prefix route queue batch decode prefill latency adapter "
+    "tenant policy system prompt user answer question context window memory block score weight "
+    "endpoint picker envoy stream chunk metric gauge counter histogram sample value label pod "
+    "cluster replica worker engine kernel tensor layer head attention vector matrix gradient"
+).split()
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRequest:
+    """One request of a workload; ``at`` is its arrival time in model seconds."""
+
+    index: int
+    at: float
+    api: str  # "chat" or "completions"
+    model: str
+    max_tokens: int
+    prompt_tokens: int
+    prompt: str = ""
+    messages: tuple[Mapping[str, str], ...] = ()
+    group: str = ""  # tenant or adapter: what the request shares with others
+
+    @property
+    def path(self) -> str:
+        return "/v1/chat/completions" if self.api == "chat" else "/v1/completions"
+
+    def body(self, *, stream: bool = True) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            # Fixed output length, whoever serves it (see module docstring).
+            "min_tokens": self.max_tokens,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "stream": stream,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if self.api == "chat":
+            body["messages"] = [dict(m) for m in self.messages]
+        else:
+            body["prompt"] = self.prompt
+        return body
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    requests: tuple[BenchRequest, ...]
+    duration: float  # model seconds over which arrivals are spread
+    rate: float  # mean arrivals per model second
+    model: str = DEFAULT_MODEL
+    lora_adapters: tuple[str, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        reqs = self.requests
+        n = len(reqs)
+        return {
+            "name": self.name,
+            "description": self.description,
+            "requests": n,
+            "duration_model_s": self.duration,
+            "rate_per_model_s": self.rate,
+            "mean_prompt_tokens": sum(r.prompt_tokens for r in reqs) / n if n else 0.0,
+            "mean_output_tokens": sum(r.max_tokens for r in reqs) / n if n else 0.0,
+            "lora_adapters": len(self.lora_adapters),
+            "params": dict(self.params),
+        }
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+def poisson_arrivals(rng: random.Random, rate: float, duration: float) -> list[float]:
+    """Arrival times of a Poisson process with ``rate`` per second on [0, duration)."""
+    if rate <= 0 or duration <= 0:
+        raise ValueError(f"rate and duration must be > 0 (got rate={rate}, duration={duration})")
+    out: list[float] = []
+    t = rng.expovariate(rate)
+    while t < duration:
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def text_of_tokens(rng: random.Random, tokens: int, lead: str = "") -> str:
+    """ASCII text that the sim tokenizer turns into exactly ``tokens`` tokens.
+
+    ``lead`` (e.g. a unique id) goes first so that otherwise similar prompts differ from their
+    first block on, and never share prefix-cache blocks by accident.
+    """
+    nbytes = tokens * BYTES_PER_TOKEN
+    words = rng.choices(_WORDS, k=nbytes // 4 + 8)
+    text = (lead + " ".join(words))[:nbytes]
+    return text.ljust(nbytes, ".")
+
+
+def lognormal_int(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    """A log-normal draw (heavy right tail), rounded and clamped to [lo, hi]."""
+    return max(lo, min(hi, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def zipf_weights(n: int, s: float) -> list[float]:
+    """Popularity of n items: weight of rank k is 1 / k**s (s = 0 is uniform)."""
+    return [1.0 / (k**s) for k in range(1, n + 1)]
+
+
+# -- the three workloads ----------------------------------------------------------------------
+
+
+def shared_prefix(
+    *,
+    seed: int = 1,
+    rate: float = 8.0,
+    duration: float = 60.0,
+    tenants: int = 24,
+    system_tokens: tuple[int, int] = (2000, 4000),
+    user_tokens: tuple[int, int] = (50, 300),
+    output_median: float = 48.0,
+    output_sigma: float = 0.8,
+    output_max: int = 256,
+    zipf_s: float = 0.6,
+    model: str = DEFAULT_MODEL,
+) -> Workload:
+    """Chat requests from ``tenants`` tenants, each with its own long system prompt.
+
+    With the defaults the prefix working set is ~72k tokens: about 2.2x one sim server's KV cache
+    (2048 blocks x 16 tokens) and ~27 % of an 8-server fleet's.
+    """
+    rng = random.Random(seed)
+    system_prompts = [
+        text_of_tokens(rng, rng.randint(*system_tokens), lead=f"[tenant {t}] You are the assistant of tenant {t}. ")
+        for t in range(tenants)
+    ]
+    weights = zipf_weights(tenants, zipf_s)
+    requests = []
+    for i, at in enumerate(poisson_arrivals(rng, rate, duration)):
+        tenant = rng.choices(range(tenants), weights=weights)[0]
+        n_user = rng.randint(*user_tokens)
+        question = text_of_tokens(rng, n_user, lead=f"q{i}: ")
+        system = system_prompts[tenant]
+        requests.append(BenchRequest(
+            index=i,
+            at=at,
+            api="chat",
+            model=model,
+            max_tokens=lognormal_int(rng, output_median, output_sigma, 1, output_max),
+            prompt_tokens=(len(system) + len(question)) // BYTES_PER_TOKEN,
+            messages=({"role": "system", "content": system}, {"role": "user", "content": question}),
+            group=f"tenant-{tenant}",
+        ))
+    working_set = sum(len(p) for p in system_prompts) // BYTES_PER_TOKEN
+    return Workload(
+        name="shared-prefix",
+        description=(f"{tenants} tenants with {system_tokens[0]}-{system_tokens[1]}-token system prompts "
+                     f"(prefix working set {working_set} tokens), Zipf s={zipf_s}, {rate:g} req/s"),
+        requests=tuple(requests),
+        duration=duration,
+        rate=rate,
+        model=model,
+        params={"seed": seed, "tenants": tenants, "system_tokens": list(system_tokens),
+                "user_tokens": list(user_tokens), "output_median": output_median,
+                "output_sigma": output_sigma, "output_max": output_max, "zipf_s": zipf_s,
+                "prefix_working_set_tokens": working_set},
+    )
+
+
+def mixed_lengths(
+    *,
+    seed: int = 2,
+    rate: float = 20.0,
+    duration: float = 60.0,
+    prompt_median: float = 600.0,
+    prompt_sigma: float = 1.0,
+    prompt_range: tuple[int, int] = (32, 6000),
+    output_median: float = 48.0,
+    output_sigma: float = 1.0,
+    output_max: int = 1024,
+    model: str = DEFAULT_MODEL,
+) -> Workload:
+    """Unique completion prompts with log-normal (heavy-tailed) prompt and output lengths."""
+    rng = random.Random(seed)
+    requests = []
+    for i, at in enumerate(poisson_arrivals(rng, rate, duration)):
+        n_prompt = lognormal_int(rng, prompt_median, prompt_sigma, *prompt_range)
+        requests.append(BenchRequest(
+            index=i,
+            at=at,
+            api="completions",
+            model=model,
+            max_tokens=lognormal_int(rng, output_median, output_sigma, 1, output_max),
+            prompt_tokens=n_prompt,
+            prompt=text_of_tokens(rng, n_prompt, lead=f"#{seed}-{i} "),
+        ))
+    return Workload(
+        name="mixed-lengths",
+        description=(f"unique prompts, log-normal prompt (median {prompt_median:g}, sigma {prompt_sigma:g}) "
+                     f"and output (median {output_median:g}, sigma {output_sigma:g}) lengths, {rate:g} req/s"),
+        requests=tuple(requests),
+        duration=duration,
+        rate=rate,
+        model=model,
+        params={"seed": seed, "prompt_median": prompt_median, "prompt_sigma": prompt_sigma,
+                "prompt_range": list(prompt_range), "output_median": output_median,
+                "output_sigma": output_sigma, "output_max": output_max},
+    )
+
+
+def lora(
+    *,
+    seed: int = 3,
+    rate: float = 20.0,
+    duration: float = 60.0,
+    adapters: int = 48,
+    zipf_s: float = 1.0,
+    prompt_tokens: tuple[int, int] = (100, 800),
+    output_median: float = 48.0,
+    output_sigma: float = 0.8,
+    output_max: int = 256,
+    model: str = DEFAULT_MODEL,
+) -> Workload:
+    """Completions for ``adapters`` LoRA adapters (more than the fleet's slots), Zipf popularity."""
+    rng = random.Random(seed)
+    names = tuple(f"adapter-{k:02d}" for k in range(adapters))
+    weights = zipf_weights(adapters, zipf_s)
+    requests = []
+    for i, at in enumerate(poisson_arrivals(rng, rate, duration)):
+        adapter = rng.choices(names, weights=weights)[0]
+        n_prompt = rng.randint(*prompt_tokens)
+        requests.append(BenchRequest(
+            index=i,
+            at=at,
+            api="completions",
+            model=adapter,
+            max_tokens=lognormal_int(rng, output_median, output_sigma, 1, output_max),
+            prompt_tokens=n_prompt,
+            prompt=text_of_tokens(rng, n_prompt, lead=f"#{seed}-{i} "),
+            group=adapter,
+        ))
+    return Workload(
+        name="lora",
+        description=f"{adapters} LoRA adapters, Zipf s={zipf_s}, {rate:g} req/s",
+        requests=tuple(requests),
+        duration=duration,
+        rate=rate,
+        model=model,
+        lora_adapters=names,
+        params={"seed": seed, "adapters": adapters, "zipf_s": zipf_s, "prompt_tokens": list(prompt_tokens),
+                "output_median": output_median, "output_sigma": output_sigma, "output_max": output_max},
+    )
+
+
+WORKLOADS = {"shared-prefix": shared_prefix, "mixed-lengths": mixed_lengths, "lora": lora}
+
+
+def build(name: str, **kwargs: Any) -> Workload:
+    try:
+        factory = WORKLOADS[name]
+    except KeyError:
+        raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}") from None
+    return factory(**kwargs)

@@ -83,7 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_fleet(args: argparse.Namespace) -> SimFleet:
     """Turn parsed flags into a (not yet started) fleet; raises ValueError on bad flags."""
-    ports: list[int] = args.ports if args.ports else [args.port + i for i in range(args.count)]
+    if args.ports:
+        ports: list[int] = args.ports
+    else:  # consecutive ports; --port 0 means a free port for each server
+        ports = [args.port + i if args.port else 0 for i in range(args.count)]
     if not ports:
         raise ValueError("no ports given")
     base = SimConfig(

@@ -75,9 +75,9 @@ class Engine:
         if ignore_eos:
             target = max_tokens
         else:
+            # Heavy-tailed "natural" length (where EOS would come), capped by max_tokens.
             natural = int(self._len_rng.lognormvariate(self._log_median, cfg.output_len_sigma)) + 1
-            target = max(1, min_tokens, min(natural, max_tokens))
-            target = min(target, max_tokens)
+            target = min(max_tokens, max(min_tokens, natural))
         req = SimRequest(
             rid=f"{cfg.name}-{next(self._ids)}",
             model=model,
@@ -100,7 +100,13 @@ class Engine:
             self._kick()
 
     async def wait(self, reqs: Sequence[SimRequest]) -> None:
-        """Return once any of ``reqs`` has news (a token if streaming, else finished)."""
+        """Return once any of ``reqs`` has news (a token if streaming, else finished).
+
+        Callers check for news *before* waiting, with no await in between, so
+        a notification cannot be missed.
+        """
+        if any(r.finish_reason is not None for r in reqs):
+            return
         fut = asyncio.get_running_loop().create_future()
         for req in reqs:
             req.waiter = fut

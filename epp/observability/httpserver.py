@@ -1,0 +1,136 @@
+"""The metrics port: ``/metrics``, ``/healthz``, ``/readyz``, ``/debug/decisions``, ``/debug``.
+
+Runs on the same event loop as the ext_proc server; every handler only reads snapshots.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from typing import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from epp.datalayer.endpoint import now
+from epp.datalayer.pool import EndpointPool
+from epp.observability.decisions import DecisionLog, decision_json
+from epp.observability.metrics import REGISTRY
+
+
+class DebugState:
+    """What the debug pages show; ``decisions`` follows the live director (config reloads)."""
+
+    def __init__(self, pool: EndpointPool, decisions: Callable[[], DecisionLog],
+                 in_flight: Callable[[], int] = lambda: 0, started: float | None = None) -> None:
+        self.pool = pool
+        self.decisions = decisions
+        self.in_flight = in_flight
+        self.started = started or time.time()
+
+
+def endpoint_rows(pool: EndpointPool) -> list[dict]:
+    t = now()
+    rows = []
+    for ep in pool.endpoints():
+        mt = ep.metrics
+        age = mt.age(t)
+        rows.append({
+            "endpoint": ep.key, "name": ep.metadata.name, "reachable": ep.reachable,
+            "metrics_age_s": None if age == float("inf") else round(age, 3),
+            "waiting_queue_size": mt.waiting_queue_size, "running_requests": mt.running_requests,
+            "kv_cache_usage": round(mt.kv_cache_usage, 4),
+            "custom": dict(mt.custom),
+        })
+    return rows
+
+
+def build_app(state: DebugState) -> web.Application:
+    async def metrics(_req: web.Request) -> web.Response:
+        body = generate_latest(REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_req: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_req: web.Request) -> web.Response:
+        if state.pool.synced:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="endpoint pool not synced yet\n")
+
+    async def decisions(req: web.Request) -> web.Response:
+        try:
+            n = int(req.query.get("n", "50"))
+        except ValueError:
+            return web.json_response({"error": "n must be an integer"}, status=400)
+        return web.json_response({"decisions": state.decisions().as_json(max(0, n))},
+                                 dumps=lambda o: json.dumps(o, indent=1))
+
+    async def endpoints(_req: web.Request) -> web.Response:
+        return web.json_response({"pool": state.pool.name, "synced": state.pool.synced,
+                                  "endpoints": endpoint_rows(state.pool)})
+
+    async def page(_req: web.Request) -> web.Response:
+        return web.Response(text=render_page(state), content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/debug/decisions", decisions)
+    app.router.add_get("/debug/endpoints", endpoints)
+    app.router.add_get("/debug", page)
+    return app
+
+
+def _age(age: float | None) -> str:
+    return "never" if age is None else f"{age:.3f}s"
+
+
+def render_page(state: DebugState, n_decisions: int = 20) -> str:
+    e = html.escape
+    rows = endpoint_rows(state.pool)
+    ep_html = "".join(
+        f"<tr><td>{e(r['endpoint'])}</td><td>{e(r['name'])}</td>"
+        f"<td class={'ok' if r['reachable'] else 'bad'}>{'yes' if r['reachable'] else 'NO'}</td>"
+        f"<td>{_age(r['metrics_age_s'])}</td>"
+        f"<td>{r['waiting_queue_size']}</td><td>{r['running_requests']}</td><td>{r['kv_cache_usage']:.3f}</td></tr>"
+        for r in rows) or "<tr><td colspan=7>no endpoints</td></tr>"
+    dec_rows = []
+    for d in state.decisions().recent(n_decisions):
+        dj = decision_json(d)
+        prof = dj["profiles"].get(dj["primary_profile"]) or {"candidates": []}
+        scores = "<br>".join(
+            e(f"{c['endpoint']}: {c['total']:.3f} (" +
+              ", ".join(f"{k} {v['raw']:.2f}->{v['weighted']:.2f}" for k, v in c["scorers"].items()) + ")")
+            for c in prof["candidates"][:8])
+        dec_rows.append(
+            f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(d.at))}</td><td>{e(d.request_id)}</td>"
+            f"<td>{e(d.model)}{'' if d.target_model == d.model else ' &rarr; ' + e(d.target_model)}</td>"
+            f"<td>{d.candidates}</td><td><b>{e(d.target)}</b></td><td>{scores}</td>"
+            f"<td>{dj['timing_ms']['scheduling']:.3f} / {dj['timing_ms']['total']:.3f}</td></tr>")
+    dec_html = "".join(dec_rows) or "<tr><td colspan=7>no decisions yet</td></tr>"
+    return f"""<!doctype html><html><head><meta charset=utf-8><title>EPP debug</title>
+<meta http-equiv=refresh content=5>
+<style>body{{font:14px sans-serif;margin:1em}}table{{border-collapse:collapse;margin-bottom:1.5em}}
+td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}th{{background:#eee}}
+.ok{{color:#070}}.bad{{color:#b00;font-weight:bold}}</style></head><body>
+<h1>Endpoint picker</h1>
+<p>pool <b>{e(state.pool.name or '-')}</b>, synced: {state.pool.synced}, endpoints: {len(rows)},
+requests in flight: {state.in_flight()}, up {time.time() - state.started:.0f}s.
+JSON: <a href="/debug/decisions">/debug/decisions</a>, <a href="/debug/endpoints">/debug/endpoints</a>,
+<a href="/metrics">/metrics</a></p>
+<h2>Endpoints</h2><table><tr><th>endpoint</th><th>name</th><th>reachable</th><th>metrics age</th>
+<th>queue</th><th>running</th><th>KV usage</th></tr>{ep_html}</table>
+<h2>Recent decisions</h2><table><tr><th>time</th><th>request</th><th>model</th><th>candidates</th><th>pick</th>
+<th>scores (raw&rarr;weighted)</th><th>ms sched / total</th></tr>{dec_html}</table></body></html>"""
+
+
+async def start_http_server(state: DebugState, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(build_app(state), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port  # type: ignore[union-attr]
+    return runner, bound

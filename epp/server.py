@@ -1,0 +1,289 @@
+"""Process assembly for ``epp serve``: pool, discovery, config, plugins, collector, servers.
+
+``run(options)`` is what the CLI calls; it returns the exit code (2 for a configuration the
+EPP cannot use, 1 for a port it cannot bind). ``EppServer`` is the same thing as an object
+for tests and embedders: ``await start()``, read the bound ports, ``await stop()``.
+
+Shutdown (SIGINT/SIGTERM) stops, in order: the gRPC servers (in-flight streams get a short
+grace period), the metrics server, the config watcher, the collector, discovery, and the
+plugins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from epp.config.errors import ConfigError
+from epp.config.model import LoadedConfig
+from epp.datalayer.pool import EndpointPool
+from epp.extproc.grpcserver import GrpcServers, PortInUseError, build_grpc_servers
+from epp.extproc.health import HealthService
+from epp.extproc.service import ExtProcService
+from epp.extproc.stream import StreamSettings
+from epp.framework.plugin import Plugin, RuntimeSettings
+from epp.observability import metrics as m
+from epp.observability.httpserver import DebugState, start_http_server
+from epp.observability.pool_gauges import PoolGauges
+from epp.options import ServeOptions
+from epp.requestcontrol.director import Director, DirectorOptions
+
+log = logging.getLogger("epp.server")
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+
+class _Handle:
+    """The Handle plugins get in ``start()``: every plugin exists by then."""
+
+    def __init__(self, config: LoadedConfig, pool: EndpointPool, settings: RuntimeSettings) -> None:
+        self._config = config
+        self._pool = pool
+        self._settings = settings
+
+    def plugin(self, name: str) -> Plugin:
+        return self._config.plugins[name]
+
+    def plugins(self) -> list[Plugin]:
+        return list(self._config.plugins.values())
+
+    @property
+    def pool(self) -> EndpointPool:
+        return self._pool
+
+    @property
+    def settings(self) -> RuntimeSettings:
+        return self._settings
+
+    def warn(self, message: str) -> None:
+        log.warning("%s", message)
+
+
+async def _start_plugins(config: LoadedConfig, pool: EndpointPool, settings: RuntimeSettings) -> None:
+    handle = _Handle(config, pool, settings)
+    for plugin in config.plugins.values():
+        await plugin.start(handle)
+
+
+async def _close_plugins(config: LoadedConfig) -> None:
+    for plugin in config.plugins.values():
+        try:
+            await plugin.close()
+        except Exception:
+            log.exception("closing plugin %s failed", plugin.name)
+
+
+def _make_discovery(options: ServeOptions, config: LoadedConfig) -> Any:
+    """The configured discovery plugin, else static discovery from the flags (or None)."""
+    if config.discovery is not None:
+        return config.discovery
+    if not options.endpoints and not options.endpoints_file:
+        return None
+    try:
+        from epp.datalayer.discovery import StaticDiscovery  # the data layer's; imported late on purpose
+    except ImportError:
+        return _FlagEndpoints(options.endpoints)
+    return StaticDiscovery.from_flags(endpoints=options.endpoints, endpoints_file=options.endpoints_file)
+
+
+class _FlagEndpoints:
+    """Stand-in until the data layer's static discovery is importable: --endpoint only."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        from epp.datalayer.endpoint import EndpointMetadata
+
+        metas = []
+        for ep in endpoints:
+            host, _, port = ep.rpartition(":")
+            metas.append(EndpointMetadata(host.strip("[]"), int(port)))
+        self.metas = metas
+
+    async def run(self, pool: EndpointPool) -> None:
+        pool.sync(self.metas)
+
+
+def _make_collector(options: ServeOptions, pool: EndpointPool, config: LoadedConfig) -> Any:
+    if not config.sources:
+        return None
+    from epp.datalayer.collector import Collector
+
+    return Collector(pool, config.sources, interval=options.refresh_metrics_interval)
+
+
+class EppServer:
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.settings = options.runtime_settings()
+        self.pool = EndpointPool(options.pool_name, options.pool_namespace)
+        self.config: LoadedConfig | None = None
+        self.director: Director | None = None
+        self.grpc: GrpcServers | None = None
+        self.grpc_port = self.health_port = self.metrics_port = 0
+        self._collector: Any = None
+        self._discovery: Any = None
+        self._tasks: list[asyncio.Task] = []
+        self._http: Any = None
+        self._reload_lock = asyncio.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        opts = self.options
+        config = opts.load_config(self.pool)  # ConfigError propagates: nothing started yet
+        for w in config.warnings:
+            log.warning("config: %s", w)
+        self.config = config
+        await _start_plugins(config, self.pool, self.settings)
+
+        self._discovery = _make_discovery(opts, config)
+        if self._discovery is not None:
+            self._tasks.append(asyncio.create_task(self._run_discovery(self._discovery), name="discovery"))
+        else:
+            log.warning("no endpoint discovery configured (--endpoint / --endpoints-file): every request gets 503")
+            self.pool.sync([])
+        self._collector = _make_collector(opts, self.pool, config)
+        if self._collector is not None:
+            await self._collector.start()
+
+        self.director = Director(config, self.pool, DirectorOptions(
+            disable_subset_filter=opts.disable_endpoint_subset_filter,
+            enable_debug_headers=opts.enable_debug_headers,
+            response_body_policy=opts.response_body_policy,
+            pool_name=opts.pool_name,
+        ))
+        stream_settings = StreamSettings(max_body_bytes=opts.max_request_body_bytes,
+                                         request_timeout=opts.request_timeout or 1e9)
+        service = ExtProcService(self.director, stream_settings)
+        health = HealthService(lambda: self.pool.synced)
+        self.grpc = build_grpc_servers(service, health, host=opts.bind_address, port=opts.grpc_port,
+                                       health_port=opts.grpc_health_port, secure=opts.secure_serving,
+                                       cert_path=opts.cert_path, max_body_bytes=opts.max_request_body_bytes)
+        await self.grpc.start()
+        self.grpc_port, self.health_port = self.grpc.extproc_port, self.grpc.health_port or 0
+
+        director = self.director
+        state = DebugState(self.pool, lambda: director.decisions, lambda: director.in_flight)
+        self._http, self.metrics_port = await start_http_server(state, opts.bind_address, opts.metrics_port)
+        gauges = PoolGauges(self.pool, opts.pool_name, opts.metrics_staleness_threshold)
+        self._tasks.append(asyncio.create_task(gauges.run(opts.refresh_prometheus_metrics_interval), name="gauges"))
+        if opts.config_reload and opts.config_file:
+            self._tasks.append(asyncio.create_task(self._watch_config(opts.config_file), name="config-watch"))
+        m.INFO.labels(os.environ.get("EPP_COMMIT", "dev"), os.environ.get("EPP_BUILD_REF", "dev")).set(1)
+        log.info("epp ready grpc_port=%d health_port=%d metrics_port=%d secure=%s",
+                 self.grpc_port, self.health_port, self.metrics_port, opts.secure_serving)
+
+    async def stop(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop(grace=1.0)
+        if self._http is not None:
+            await self._http.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._collector is not None:
+            with contextlib.suppress(Exception):
+                await self._collector.stop()
+        if self.config is not None:
+            await _close_plugins(self.config)
+
+    async def _run_discovery(self, discovery: Any) -> None:
+        try:
+            await discovery.run(self.pool)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("endpoint discovery failed; the pool keeps its last state")
+
+    # --- config reload ---------------------------------------------------------------------
+    async def _watch_config(self, path: str, interval: float = 1.0) -> None:
+        def stamp() -> tuple[int, int] | None:
+            try:
+                st = os.stat(path)
+                return (st.st_mtime_ns, st.st_size)
+            except OSError:
+                return None
+
+        last = stamp()
+        while True:
+            await asyncio.sleep(interval)
+            current = stamp()
+            if current is None or current == last:
+                continue
+            last = current
+            await self.reload_config()
+
+    async def reload_config(self) -> bool:
+        """Load the config file again; on success swap it in, else keep the running one."""
+        async with self._reload_lock:
+            try:
+                new = self.options.load_config(self.pool)
+                await _start_plugins(new, self.pool, self.settings)
+            except ConfigError as e:
+                m.CONFIG_RELOADS.labels("failure").inc()
+                log.error("config reload rejected, keeping the running configuration:\n%s", e)
+                return False
+            except Exception:
+                m.CONFIG_RELOADS.labels("failure").inc()
+                log.exception("config reload failed, keeping the running configuration")
+                return False
+            old = self.config
+            assert self.director is not None
+            self.director.swap_config(new)
+            self.config = new
+            if self._collector is not None:
+                await self._collector.stop()
+            self._collector = _make_collector(self.options, self.pool, new)
+            if self._collector is not None:
+                await self._collector.start()
+            m.CONFIG_RELOADS.labels("success").inc()
+            log.info("configuration reloaded (%d plugins)", len(new.plugins))
+        if old is not None:
+            asyncio.get_running_loop().call_later(30.0, lambda: asyncio.ensure_future(_close_plugins(old)))
+        return True
+
+
+async def serve(options: ServeOptions) -> None:
+    """Run until SIGINT/SIGTERM. Raises ConfigError / PortInUseError on startup failures."""
+    server = EppServer(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await server.stop()
+
+
+def run(options: ServeOptions) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    try:
+        if uvloop is not None:
+            uvloop.run(serve(options))
+        else:
+            asyncio.run(serve(options))
+    except ConfigError as e:
+        print("epp: invalid configuration:", file=sys.stderr)
+        for line in str(e).splitlines():
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PortInUseError as e:
+        print(f"epp: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -88,7 +88,7 @@ class Defaults:
     def apply(self) -> None:
         self._scheduling()
         for policy in OPTIONAL_FLOW_CONTROL_DEFAULTS:
-            self.add(policy, "flow-control default policy", optional=True)
+            self.add(policy, "flow-control default", optional=True)
         self._parser()
         self._saturation_detector()
         self._data_layer()
@@ -122,13 +122,13 @@ class Defaults:
         if self.spec.parser_ref is None:
             self.spec.parser_ref = DEFAULT_PARSER
         if self.spec.parser_ref == DEFAULT_PARSER:
-            self.add(DEFAULT_PARSER, "default request parser")
+            self.add(DEFAULT_PARSER, "no parser is configured")
 
     def _saturation_detector(self) -> None:
         if self.spec.saturation_ref is None:
             self.spec.saturation_ref = DEFAULT_SATURATION_DETECTOR
         if self.spec.saturation_ref == DEFAULT_SATURATION_DETECTOR:
-            self.add(DEFAULT_SATURATION_DETECTOR, "default saturation detector")
+            self.add(DEFAULT_SATURATION_DETECTOR, "no saturation detector is configured")
 
     def _data_layer(self) -> None:
         """Make sure the standard metrics get scraped, unless ``injectDefaults: false``.
@@ -156,10 +156,10 @@ class Defaults:
                 extractor_cls is not None and any(type(p) is extractor_cls for p in wired if p is not None)
             ):
                 return
-            if self.add(DEFAULT_METRICS_EXTRACTOR, "the standard metrics extractor (dataLayer.injectDefaults)"):
+            if self.add(DEFAULT_METRICS_EXTRACTOR, "dataLayer.injectDefaults is true"):
                 target.extractors.append((f"{target.path}.extractors[{len(target.extractors)}]", DEFAULT_METRICS_EXTRACTOR))
             return
-        reason = "the standard metrics source (dataLayer.injectDefaults)"
+        reason = "dataLayer.injectDefaults is true"
         source = self.add(DEFAULT_METRICS_SOURCE, reason)
         extractor = self.add(DEFAULT_METRICS_EXTRACTOR, reason)
         if source is not None and extractor is not None:
@@ -176,10 +176,10 @@ class Defaults:
         for _ in range(64):  # producers may consume too; a fixed point is reached quickly
             produced: set[str] = set()
             for p in self._of(DataProducer):
-                produced |= _keys(p, "produces")
+                produced |= data_keys(p, "produces")
             added = False
             for name, p in list(self.plugins.by_name.items()):
-                for key in sorted(_keys(p, "consumes") - produced):
+                for key in sorted(data_keys(p, "consumes") - produced):
                     producer_type = self.plugins.registry.default_producer(key)
                     entry = self.plugins.entries[name]
                     if producer_type is None:
@@ -192,7 +192,7 @@ class Defaults:
                         continue
                     existing = self.plugins.by_name.get(producer_type)
                     if existing is not None:
-                        if key not in _keys(existing, "produces"):
+                        if key not in data_keys(existing, "produces"):
                             self.problems.error(
                                 entry.path,
                                 f"{entry.label()} consumes data '{key}', whose default producer "
@@ -203,13 +203,13 @@ class Defaults:
                     producer = self.add(producer_type, f"'{name}' consumes '{key}'")
                     produced.add(key)
                     if producer is not None:
-                        produced |= _keys(producer, "produces")
+                        produced |= data_keys(producer, "produces")
                         added = True
             if not added:
                 return
 
 
-def _keys(plugin: object, attr: str) -> set[str]:
+def data_keys(plugin: object, attr: str) -> set[str]:
     value = getattr(plugin, attr, None)
     if not value or isinstance(value, (str, bytes)):
         return {value} if isinstance(value, str) and value else set()

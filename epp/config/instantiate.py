@@ -44,12 +44,12 @@ class PluginSet:
     def create(self, entry: PluginEntry) -> Plugin | None:
         """Instantiate ``entry`` through the registry; record a path-named error on failure."""
         where, lead = (
-            ("plugins", f"cannot add the default plugin '{entry.type}' ({entry.added_because}): ")
+            ("plugins", f"cannot add the default plugin '{entry.type}' (needed because {entry.added_because}): ")
             if entry.added_because
             else (entry.path, "")
         )
         if entry.type not in self.registry:
-            self.problems.error(where, lead + self._unregistered(entry.type))
+            self.problems.error(where, lead + self._unregistered(entry.type, suggest=not entry.added_because))
             return None
         spec = self.registry.get(entry.type)
         handle = _EntryHandle(self, entry)
@@ -57,7 +57,7 @@ class PluginSet:
             plugin = spec.factory(entry.name, entry.parameters, handle)
         except ParameterError as e:
             path = join(entry.path, "parameters") + (("." + e.key) if e.key and not e.key.startswith("[") else e.key)
-            self.problems.error(path, f"{e.message} ({entry.label()})")
+            self.problems.error(path, f"{e.message} (plugin '{entry.name}', type '{entry.type}')")
             return None
         except Exception as e:  # a plugin's own validation: report it, never crash the loader
             detail = str(e) or type(e).__name__
@@ -72,10 +72,10 @@ class PluginSet:
         self.entries[entry.name] = entry
         return plugin
 
-    def _unregistered(self, type_name: str) -> str:
+    def _unregistered(self, type_name: str, *, suggest: bool) -> str:
         known = self.registry.known_types()
         msg = f"plugin type '{type_name}' is not registered"
-        close = difflib.get_close_matches(type_name, known, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(type_name, known, n=1, cutoff=0.75) if suggest else []
         if close:
             msg += f" (did you mean '{close[0]}'?)"
         msg += "; known types: " + (", ".join(known) if known else "none")

@@ -143,6 +143,7 @@ class RewriteEntry:
 
 @dataclass
 class ConfigSpec:
+    recognized: bool = True  # False when apiVersion/kind say this is not an EndpointPickerConfig
     api_version: str = CURRENT_API_VERSION
     kind: str = KIND
     feature_gates: list[str] = field(default_factory=list)
@@ -288,13 +289,17 @@ def decode(doc: Any, problems: Problems) -> ConfigSpec:
     spec = ConfigSpec()
     top = r.mapping(doc, "(top level)")
     if top is None:
+        spec.recognized = False
         return spec
     r.fields(top, "", _TOP_LEVEL)
 
     api = r.string(top, "apiVersion", "", required=True, what="missing required field 'apiVersion'")
-    if api is not None:
+    if api is None:
+        spec.recognized = False
+    else:
         if api not in API_VERSIONS:
             problems.error("apiVersion", f"unsupported apiVersion {api!r}; expected one of {', '.join(API_VERSIONS)}")
+            spec.recognized = False
         else:
             spec.api_version = api
             if api == DEPRECATED_API_VERSION:
@@ -302,6 +307,8 @@ def decode(doc: Any, problems: Problems) -> ConfigSpec:
     kind = r.string(top, "kind", "", required=True, what="missing required field 'kind'")
     if kind is not None and kind != KIND:
         problems.error("kind", f"unsupported kind {kind!r}; expected '{KIND}'")
+    if kind != KIND:
+        spec.recognized = False
 
     _decode_gates(r, top, spec, problems)
     _decode_plugins(r, top, spec, problems)
@@ -334,6 +341,9 @@ def _decode_gates(r: _Reader, top: dict, spec: ConfigSpec, problems: Problems) -
             problems.error(path, f"feature gate '{g}' is unknown or unregistered; known gates: {', '.join(FEATURE_GATES)}")
         elif g not in spec.feature_gates:
             spec.feature_gates.append(g)
+            if g == "enableLegacyMetrics":
+                problems.warn(path, "this EPP has no legacy metrics poller: the data layer's default metrics source "
+                                    "is used instead (set dataLayer.injectDefaults: false to opt out)")
     if os.environ.get("ENABLE_EXPERIMENTAL_FLOW_CONTROL_LAYER", "").lower() == "true" and "flowControl" not in spec.feature_gates:
         spec.feature_gates.append("flowControl")
         problems.warn("featureGates", "ENABLE_EXPERIMENTAL_FLOW_CONTROL_LAYER=true is deprecated; add the 'flowControl' feature gate instead")

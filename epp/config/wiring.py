@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from epp.config.defaults import DEFAULT_FAIRNESS_POLICY, DEFAULT_ORDERING_POLICY, DEFAULT_USAGE_LIMIT_POLICY, _keys
+from epp.config.defaults import DEFAULT_FAIRNESS_POLICY, DEFAULT_ORDERING_POLICY, DEFAULT_USAGE_LIMIT_POLICY, data_keys
 from epp.config.errors import Problems
 from epp.config.instantiate import PluginSet
 from epp.config.kinds import SCHEDULING_KINDS, describe_kinds, kinds_of
@@ -211,6 +211,8 @@ class Validator:
     def _policy_ref(self, ref: str | None, path: str, role: str) -> None:
         if not ref:
             return
+        if ref in _DEFAULT_POLICIES and ref not in self.plugins.by_name:
+            return  # the default policy is not implemented yet; flow control has no behaviour yet either
         plugin = self._resolve(ref, path)
         if plugin is not None and kinds_of(plugin):
             # Flow-control policies have no interface of their own yet; anything that is a
@@ -223,9 +225,9 @@ class Validator:
         producers = [p for p in self.plugins.by_name.values() if isinstance(p, DataProducer)]
         makers: dict[str, list[DataProducer]] = {}
         for p in producers:
-            for key in _keys(p, "produces"):
+            for key in data_keys(p, "produces"):
                 makers.setdefault(key, []).append(p)
-        deps = {p.name: {m.name for k in _keys(p, "consumes") for m in makers.get(k, ())} for p in producers}
+        deps = {p.name: {m.name for k in data_keys(p, "consumes") for m in makers.get(k, ())} for p in producers}
         order: list[DataProducer] = []
         done: set[str] = set()
         pending = list(producers)
@@ -254,6 +256,9 @@ class Validator:
                 self.problems.warn(entry.path, f"{entry.label()} is not used by any scheduling profile")
             elif kinds and all(k in ("data source", "extractor") for k in kinds) and name not in wired:
                 self.problems.warn(entry.path, f"{entry.label()} is not wired in {self.spec.data_layer.key}.sources and will not run")
+
+
+_DEFAULT_POLICIES = (DEFAULT_FAIRNESS_POLICY, DEFAULT_ORDERING_POLICY, DEFAULT_USAGE_LIMIT_POLICY)
 
 
 def _compatible(output_type: Any, input_type: Any) -> bool:

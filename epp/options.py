@@ -1,0 +1,119 @@
+"""Everything `epp serve` is told on its command line, as one typed value.
+
+The CLI (``epp.cli``) builds a ServeOptions from flags; the server (``epp.server.run`` /
+``serve``) consumes it. Tests and embedders may build one directly. Durations are float
+seconds, sizes are bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from epp.framework.plugin import RuntimeSettings
+
+if TYPE_CHECKING:
+    from epp.config.model import LoadedConfig
+    from epp.datalayer.pool import EndpointPool
+
+ResponseBodyPolicy = Literal["always", "non-streaming", "never"]
+RESPONSE_BODY_POLICIES: tuple[str, ...] = ("always", "non-streaming", "never")
+LOG_FORMATS: tuple[str, ...] = ("text", "json")
+
+
+class OptionsError(ValueError):
+    """A flag value the EPP cannot run with; the CLI prints it without a traceback."""
+
+
+def default_namespace() -> str:
+    """Upstream's rule: --pool-namespace, else $NAMESPACE, else 'default'."""
+    return os.environ.get("NAMESPACE") or "default"
+
+
+@dataclass
+class ServeOptions:
+    # configuration (at most one of file/text; neither = the built-in default config)
+    config_file: str | None = None
+    config_text: str | None = None
+    config_reload: bool = False  # watch config_file and swap in a new config when it changes and is valid
+
+    # listeners
+    bind_address: str = "0.0.0.0"  # upstream listens on all interfaces; tests use 127.0.0.1
+    grpc_port: int = 9002  # ext_proc
+    grpc_health_port: int = 9003  # plaintext gRPC health
+    metrics_port: int = 9090  # Prometheus /metrics and the /debug pages
+    secure_serving: bool = True  # TLS on ext_proc (self-signed unless cert_path)
+    cert_path: str | None = None  # directory with tls.crt and tls.key
+    enable_cert_reload: bool = False
+    health_checking: bool = False  # also serve gRPC health on the ext_proc port
+
+    # data layer
+    refresh_metrics_interval: float = 0.05
+    refresh_prometheus_metrics_interval: float = 5.0
+    metrics_staleness_threshold: float = 2.0
+    pool_name: str = ""
+    pool_namespace: str = field(default_factory=default_namespace)
+    endpoints_file: str | None = None  # static discovery, watched
+    endpoints: list[str] = field(default_factory=list)  # HOST:PORT, static discovery
+
+    # request path
+    disable_endpoint_subset_filter: bool = False
+    enable_debug_headers: bool = False
+    max_request_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413
+    request_timeout: float = 300.0  # per-request deadline in seconds; 0 = none
+    response_body_policy: ResponseBodyPolicy = "always"  # which response bodies the EPP reads
+
+    # logging
+    verbosity: int = 2  # upstream --v: 2 default, 3 verbose, 4 debug, 5 trace
+    log_format: str = "text"
+
+    def validate(self) -> None:
+        """Raise OptionsError for values the server cannot use."""
+        if self.config_file and self.config_text:
+            raise OptionsError("both the 'config-file' and 'config-text' flags cannot be set at the same time")
+        if self.config_reload and not self.config_file:
+            raise OptionsError("--config-reload needs --config-file (there is no file to watch)")
+        ports = {"grpc-port": self.grpc_port, "grpc-health-port": self.grpc_health_port, "metrics-port": self.metrics_port}
+        for flag, port in ports.items():
+            if not 0 <= port <= 65535:
+                raise OptionsError(f"--{flag} {port} is not a valid port (0-65535)")
+        used = [p for p in ports.values() if p != 0]
+        if len(used) != len(set(used)):
+            raise OptionsError(f"--grpc-port, --grpc-health-port and --metrics-port must differ, got {sorted(ports.items())}")
+        for flag, seconds in (
+            ("refresh-metrics-interval", self.refresh_metrics_interval),
+            ("refresh-prometheus-metrics-interval", self.refresh_prometheus_metrics_interval),
+            ("metrics-staleness-threshold", self.metrics_staleness_threshold),
+        ):
+            if seconds <= 0:
+                raise OptionsError(f"{flag} must be positive, got {seconds:g}s")
+        if self.request_timeout < 0:
+            raise OptionsError("--request-timeout must not be negative (0 disables it)")
+        if self.max_request_body_bytes <= 0:
+            raise OptionsError("--max-request-body-bytes must be positive")
+        if self.response_body_policy not in RESPONSE_BODY_POLICIES:
+            raise OptionsError(f"--response-body-policy must be one of {', '.join(RESPONSE_BODY_POLICIES)}")
+        if self.log_format not in LOG_FORMATS:
+            raise OptionsError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if self.enable_cert_reload and not self.cert_path:
+            raise OptionsError("--enable-cert-reload needs --cert-path")
+
+    def runtime_settings(self) -> RuntimeSettings:
+        return RuntimeSettings(
+            refresh_metrics_interval=self.refresh_metrics_interval,
+            metrics_staleness_threshold=self.metrics_staleness_threshold,
+            pool_name=self.pool_name,
+            pool_namespace=self.pool_namespace,
+        )
+
+    def load_config(self, pool: "EndpointPool | None" = None) -> "LoadedConfig":
+        """Load the configuration these options name (raises epp.config.ConfigError)."""
+        from epp.config.loader import load_config
+
+        return load_config(
+            self.config_text or None,
+            path=self.config_file or None,
+            settings=self.runtime_settings(),
+            pool=pool,
+        )

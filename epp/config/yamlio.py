@@ -65,7 +65,7 @@ def parse_document(text: str) -> Any:
     if stripped[:1] in "{[":
         # JSON is (almost) YAML, but a JSON parser gives better errors for JSON and accepts tabs.
         try:
-            return json.loads(text, object_pairs_hook=_json_pairs)
+            return _checked(json.loads(text, object_pairs_hook=_json_pairs))
         except (ValueError, RecursionError):
             pass  # maybe YAML flow style: let the YAML parser have it and report
     try:
@@ -81,7 +81,44 @@ def parse_document(text: str) -> Any:
         raise ConfigError(["configuration is empty"])
     if len(docs) > 1:
         raise ConfigError([f"configuration holds {len(docs)} YAML documents; expected exactly one"])
-    return docs[0]
+    return _checked(docs[0])
+
+
+def _checked(doc: Any) -> Any:
+    problem = _shape_problem(doc)
+    if problem:
+        raise ConfigError([f"failed to decode configuration YAML/JSON: {problem}"])
+    return doc
+
+
+MAX_DEPTH = 100
+
+
+def _shape_problem(doc: Any) -> str | None:
+    """Reject what YAML allows but no config needs: self-containing values and absurd nesting.
+
+    Shared (aliased) values are fine and checked once, so this is linear in the document.
+    """
+    done: set[int] = set()
+    active: set[int] = set()
+
+    def walk(node: Any, depth: int) -> str | None:
+        if not isinstance(node, (dict, list)) or id(node) in done:
+            return None
+        if id(node) in active:
+            return "a YAML alias refers to a value that contains it (recursive value)"
+        if depth > MAX_DEPTH:
+            return f"values are nested more than {MAX_DEPTH} levels deep"
+        active.add(id(node))
+        for child in node.values() if isinstance(node, dict) else node:
+            problem = walk(child, depth + 1)
+            if problem:
+                return problem
+        active.discard(id(node))
+        done.add(id(node))
+        return None
+
+    return walk(doc, 0)
 
 
 def dump_yaml(data: Any) -> str:

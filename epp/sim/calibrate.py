@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import statistics
 import sys
@@ -41,8 +42,11 @@ _READY = re.compile(r"^sim ready name=\S+ url=(\S+)")
 
 @dataclass
 class Stream:
+    """Client-side view of one streamed completion."""
+
     ttft: float
-    times: list[float]
+    times: list[float]  # arrival of each token, seconds since the request was sent
+    cached_tokens: int  # from the final usage chunk
 
     @property
     def itl(self) -> float:
@@ -55,16 +59,26 @@ def prompt(tag: str, tokens: int) -> str:
     return head + "abcd" * (tokens - 2)
 
 
-async def stream(session: aiohttp.ClientSession, url: str, text: str, max_tokens: int) -> Stream:
-    body = {"prompt": text, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+async def stream(session: aiohttp.ClientSession, url: str, text: str, max_tokens: int,
+                 model: str | None = None) -> Stream:
+    """Stream one completion of exactly ``max_tokens`` tokens (ignore_eos), timing each token."""
+    body: dict[str, object] = {"prompt": text, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                               "stream_options": {"include_usage": True}}
+    if model is not None:
+        body["model"] = model
     start = time.perf_counter()
     times: list[float] = []
+    cached = -1
     async with session.post(url + "/v1/completions", json=body) as resp:
         resp.raise_for_status()
         async for line in resp.content:
-            if line.startswith(b"data: {"):
+            if not line.startswith(b"data: {"):
+                continue
+            if b'"choices":[]' in line:  # the usage chunk
+                cached = json.loads(line[6:])["usage"]["prompt_tokens_details"]["cached_tokens"]
+            else:
                 times.append(time.perf_counter() - start)
-    return Stream(times[0], times)
+    return Stream(times[0], times, cached)
 
 
 class Calibration:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 from epp.sim.config import SimConfig
 from epp.sim.scheduler import Scheduler, SimRequest
 from epp.sim.tokenizer import block_hashes
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -42,6 +45,10 @@ class Engine:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"sim-engine-{self.config.name}")
 
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         """Stop stepping and finish every request as aborted so handlers return."""
         task, self._task = self._task, None
@@ -51,11 +58,9 @@ class Engine:
                 await task
             except asyncio.CancelledError:
                 pass
-        sched = self.scheduler
-        now = asyncio.get_running_loop().time()
-        for req in [*sched.running, *sched.waiting]:
-            sched.abort(req, now)
-            _notify(req)
+            except Exception:
+                pass  # already logged by _run
+        self._abort_all()
 
     # -- requests ------------------------------------------------------------------
 
@@ -120,6 +125,23 @@ class Engine:
     # -- the GPU -------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._steps()
+        except Exception:
+            # A bug here must not leave clients hanging forever: log it and
+            # abort everything so their handlers answer.
+            log.exception("sim engine %s crashed", self.config.name)
+            self._abort_all()
+            raise
+
+    def _abort_all(self) -> None:
+        sched = self.scheduler
+        now = asyncio.get_running_loop().time()
+        for req in [*sched.running, *sched.waiting]:
+            sched.abort(req, now)
+            _notify(req)
+
+    async def _steps(self) -> None:
         loop = asyncio.get_running_loop()
         sched = self.scheduler
         wake = self._wake

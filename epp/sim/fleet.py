@@ -42,6 +42,13 @@ class SimServer:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()  # e.g. the port is taken: do not leak the engine task
+            raise
+
+    async def _start(self) -> None:
         self.engine.start()
         # handler_cancellation: a client that disconnects aborts its request,
         # freeing KV and its batch slot, as vLLM does.

@@ -123,6 +123,8 @@ class SimApp:
                 status = int(forced)
             except ValueError:
                 status = 500
+            if not 400 <= status <= 599:
+                status = 500
             raise APIError(status, f"Error forced by the {FORCE_ERROR_HEADER} header.")
         cfg = self.config
         if cfg.fail_rate and self._fail_rng.random() < cfg.fail_rate:

@@ -106,3 +106,11 @@ def test_calibration_script_runs(capsys) -> None:
     out = capsys.readouterr().out
     assert "Inter-token latency, batch 32" in out
     assert "Max throughput" in out
+
+
+async def test_port_in_use_fails_cleanly() -> None:
+    async with SimFleet([0], SimConfig(time_scale=0.1)) as first:
+        clash = SimFleet([0, first.ports[0]], SimConfig(time_scale=0.1))
+        with pytest.raises(OSError):
+            await clash.start()
+        assert not any(s.engine.is_running for s in clash.servers)

@@ -8,50 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import time
-from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from epp.sim import SimFleet
+from epp.sim.calibrate import prompt, stream
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
-@dataclass
-class Timing:
-    ttft: float
-    token_times: list[float]
-    cached_tokens: int
-
-    @property
-    def mean_itl(self) -> float:
-        t = self.token_times
-        return (t[-1] - t[0]) / (len(t) - 1)
-
-
-async def stream(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int,
-                 model: str = MODEL) -> Timing:
-    """One streaming completion with ignore_eos; client-side token arrival times."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    times: list[float] = []
-    cached = -1
-    async with session.post(url + "/v1/completions", json=body) as r:
-        assert r.status == 200, await r.text()
-        async for line in r.content:
-            if line.startswith(b"data: {") and b'"usage"' in line and b'"choices":[]' in line:
-                cached = int(line.split(b'"cached_tokens":')[1].split(b"}")[0])
-            elif line.startswith(b"data: {"):
-                times.append(time.perf_counter() - start)
-    return Timing(times[0], times, cached)
-
-
 def doc(i: int, tokens: int) -> str:
-    """A prompt of exactly ``tokens`` tokens (4 bytes each), unique per ``i``."""
-    return f"{i:08d}" + "abcd" * (tokens - 2)
+    """A prompt of exactly ``tokens`` tokens, unique per ``i``."""
+    return prompt(f"{i:08d}", tokens)
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -70,8 +39,8 @@ async def test_time_scale_scales_latencies_proportionally(make_fleet) -> None:
     async with aiohttp.ClientSession() as s:
         t_fast = [await stream(s, fast.urls[0], doc(i, 1000), 20) for i in range(3)]
         t_slow = [await stream(s, slow.urls[0], doc(i, 1000), 20) for i in range(3)]
-    e2e_fast = statistics.median(t.token_times[-1] for t in t_fast)
-    e2e_slow = statistics.median(t.token_times[-1] for t in t_slow)
+    e2e_fast = statistics.median(t.times[-1] for t in t_fast)
+    e2e_slow = statistics.median(t.times[-1] for t in t_slow)
     ttft_fast = statistics.median(t.ttft for t in t_fast)
     ttft_slow = statistics.median(t.ttft for t in t_slow)
     # Model time: TTFT 210 ms, e2e ~408 ms. Expected ratio 3; HTTP overhead pulls it down a little.
@@ -84,7 +53,7 @@ async def test_slower_server_in_a_heterogeneous_fleet(make_fleet) -> None:
     async with aiohttp.ClientSession() as s:
         normal = await stream(s, fleet.urls[0], doc(1, 500), 30)
         half = await stream(s, fleet.urls[1], doc(1, 500), 30)
-    assert half.token_times[-1] > 1.5 * normal.token_times[-1]
+    assert half.times[-1] > 1.5 * normal.times[-1]
 
 
 async def test_ttft_grows_with_queue_length(make_fleet) -> None:
@@ -117,7 +86,7 @@ async def test_filling_kv_cache_causes_preemptions(make_fleet) -> None:
     async with aiohttp.ClientSession() as s:
         results = await asyncio.gather(*(stream(s, sim.urls[0], doc(i, 100), 200) for i in range(8)))
         metrics = await scrape(s, sim.urls[0])
-    assert all(len(r.token_times) == 200 for r in results)
+    assert all(len(r.times) == 200 for r in results)
     assert metrics["vllm:num_preemptions_total"] > 0
     assert metrics["vllm:num_preemptions_total"] == sim.servers[0].engine.scheduler.stats.preemptions
 
@@ -128,9 +97,9 @@ async def test_inter_token_latency_grows_with_batch_size(make_fleet) -> None:
     async with aiohttp.ClientSession() as s:
         single = await stream(s, url, doc(0, 16), 40)
         batch = await asyncio.gather(*(stream(s, url, doc(i, 16), 40) for i in range(1, 33)))
-    itl_batch = statistics.median(t.mean_itl for t in batch)
+    itl_batch = statistics.median(t.itl for t in batch)
     # Model time: 10.4 ms at batch 1 vs 22.8 ms at batch 32 (ratio 2.2).
-    assert itl_batch > 1.4 * single.mean_itl
+    assert itl_batch > 1.4 * single.itl
 
 
 async def test_non_resident_adapter_costs_a_load(make_fleet) -> None:

@@ -129,6 +129,8 @@ def parse_generation(body: Any, chat: bool, config: SimConfig, lora: LoraSlots) 
         if "prompt" not in body:
             raise APIError(400, "prompt is required", "prompt")
         prompts = _completion_prompts(body["prompt"])
+        if not all(prompts):
+            raise APIError(400, "The decoder prompt cannot be empty", "prompt")
         # vLLM's completions default.
         max_tokens = _int_field(body, "max_tokens", 16, 1)
     n = _int_field(body, "n", 1, 1) or 1

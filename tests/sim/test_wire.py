@@ -126,6 +126,8 @@ async def test_bad_json_and_missing_fields_are_400(fleet: SimFleet) -> None:
             assert r.status == 400
         async with s.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 0}) as r:
             assert r.status == 400
+        async with s.post(url + "/v1/completions", json={"model": MODEL, "prompt": ""}) as r:
+            assert r.status == 400
 
 
 async def test_served_by_header_names_the_server(fleet: SimFleet) -> None:

@@ -31,19 +31,18 @@ class EndpointMetadata:
     namespace: str = "default"
     metrics_port: int = 0
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    # ``ip:port``: the value Envoy routes to and the pool's identity for this endpoint.
+    # Computed once: the request path reads it for every candidate of every request.
+    key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "key", join_host_port(self.address, self.port))
         if not self.name:
             object.__setattr__(self, "name", f"{self.address}:{self.port}")
         if not self.metrics_port:
             object.__setattr__(self, "metrics_port", self.port)
         if not isinstance(self.labels, MappingProxyType):
             object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
-
-    @property
-    def key(self) -> str:
-        """``ip:port``: the value Envoy routes to and the pool's identity for this endpoint."""
-        return join_host_port(self.address, self.port)
 
     @property
     def metrics_host(self) -> str:

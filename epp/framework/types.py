@@ -73,17 +73,14 @@ class Candidate:
     requests never see each other's.
     """
 
-    __slots__ = ("endpoint", "metadata", "metrics", "data")
+    __slots__ = ("endpoint", "metadata", "metrics", "data", "key")
 
     def __init__(self, endpoint: "Endpoint") -> None:
         self.endpoint = endpoint
         self.metadata: EndpointMetadata = endpoint.metadata
         self.metrics: Metrics = endpoint.metrics
         self.data: dict[str, Any] = {}
-
-    @property
-    def key(self) -> str:
-        return self.metadata.key
+        self.key: str = self.metadata.key  # ip:port, read in every scorer loop
 
     @property
     def attributes(self) -> Mapping[str, Any]:

@@ -8,7 +8,7 @@ consumers must never mutate them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PREFIX_CACHE_MATCH_INFO_KEY = "PrefixCacheMatchInfoKey"
 INFLIGHT_LOAD_KEY = "InFlightLoadKey"
@@ -40,10 +40,11 @@ class PrefixCacheMatchInfo:
     total_blocks: int
     block_size_tokens: int
     request: PrefixRequestState | None = None
+    ratio: float = field(init=False, compare=False)  # match / total (0 with no blocks): the scorer's score
 
-    @property
-    def ratio(self) -> float:
-        return self.match_blocks / self.total_blocks if self.total_blocks > 0 else 0.0
+    def __post_init__(self) -> None:
+        total = self.total_blocks
+        object.__setattr__(self, "ratio", self.match_blocks / total if total > 0 else 0.0)
 
     @property
     def matched_tokens(self) -> int:

@@ -73,6 +73,36 @@ def _validate(api: str, payload: dict[str, Any]) -> None:
             raise ParseError("invalid embeddings request: must have input field")
 
 
+def serialize_messages(messages: list[dict[str, Any]]) -> str:
+    """Messages as one string in conversation order, for prefix hashing.
+
+    Not JSON: serialising a 32 KB conversation with ``json.dumps`` costs ~0.2 ms, most of a
+    decision's budget. Role and text content are concatenated as they are; any other field
+    (names, tool calls, multi-part content) is JSON-encoded, which is small. Conversations
+    that share leading messages still share a leading byte string, which is all the
+    prefix-cache producer needs.
+    """
+    parts: list[str] = []
+    append = parts.append
+    for msg in messages:
+        append("\x1e")
+        append(str(msg.get("role", "")))
+        for key, value in msg.items():
+            if key == "role" or key == "content":
+                continue
+            append("\x1f")
+            append(key)
+            append("=")
+            append(_dumps(value))
+        append("\x1d")
+        content = msg.get("content")
+        if isinstance(content, str):
+            append(content)
+        elif content is not None:
+            append(_dumps(content))
+    return "".join(parts)
+
+
 def prefix_input(api: str, payload: dict[str, Any]) -> bytes:
     """The bytes whose leading blocks identify the request's cacheable prefix."""
     if api == COMPLETIONS:
@@ -83,7 +113,7 @@ def prefix_input(api: str, payload: dict[str, Any]) -> bytes:
             return " ".join(prompt).encode()
         return _dumps(prompt).encode()  # token ids
     if api == CHAT:
-        return _dumps(payload.get("messages")).encode()
+        return serialize_messages(payload["messages"]).encode()
     if api == RESPONSES:
         parts = [{k: payload[k]} for k in ("instructions", "tools", "input") if payload.get(k) is not None]
         return _dumps(parts).encode()

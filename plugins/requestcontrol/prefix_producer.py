@@ -68,9 +68,8 @@ def chain_hashes(data: bytes, block_chars: int, seed_text: bytes) -> tuple[int, 
     prev = _xxh64(seed_text)
     out = []
     append = out.append
-    view = memoryview(data)
     for start in range(0, n, block_chars):
-        prev = _xxh64(view[start:start + block_chars], prev)
+        prev = _xxh64(data[start:start + block_chars], prev)
         append(prev)
     return tuple(out)
 

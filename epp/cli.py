@@ -250,7 +250,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from epp.config.loader import load_config
     from epp.config.render import render
 
-    loaded = load_config(args.config_text, path=args.config_file)  # ConfigError -> main's handler
+    # An empty flag counts as unset, as upstream treats it: the built-in default config.
+    loaded = load_config(args.config_text or None, path=args.config_file or None)  # ConfigError -> main()
     for w in loaded.warnings:
         print(f"warning: {w}", file=sys.stderr)
     sys.stdout.write(render(loaded, with_parameters=not args.config_only))

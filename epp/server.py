@@ -85,27 +85,9 @@ def _make_discovery(options: ServeOptions, config: LoadedConfig) -> Any:
         return config.discovery
     if not options.endpoints and not options.endpoints_file:
         return None
-    try:
-        from epp.datalayer.discovery import StaticDiscovery  # the data layer's; imported late on purpose
-    except ImportError:
-        return _FlagEndpoints(options.endpoints)
-    return StaticDiscovery.from_flags(endpoints=options.endpoints, endpoints_file=options.endpoints_file)
+    from epp.datalayer.discovery import StaticDiscovery
 
-
-class _FlagEndpoints:
-    """Stand-in until the data layer's static discovery is importable: --endpoint only."""
-
-    def __init__(self, endpoints: list[str]) -> None:
-        from epp.datalayer.endpoint import EndpointMetadata
-
-        metas = []
-        for ep in endpoints:
-            host, _, port = ep.rpartition(":")
-            metas.append(EndpointMetadata(host.strip("[]"), int(port)))
-        self.metas = metas
-
-    async def run(self, pool: EndpointPool) -> None:
-        pool.sync(self.metas)
+    return StaticDiscovery.from_options(options.endpoints, options.endpoints_file)
 
 
 def _make_collector(options: ServeOptions, pool: EndpointPool, config: LoadedConfig) -> Any:
@@ -116,11 +98,20 @@ def _make_collector(options: ServeOptions, pool: EndpointPool, config: LoadedCon
     return Collector(pool, config.sources, interval=options.refresh_metrics_interval)
 
 
+def _log_discovery_end(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("endpoint discovery stopped: %s; the pool keeps its last state", task.exception())
+
+
 class EppServer:
-    def __init__(self, options: ServeOptions) -> None:
+    def __init__(self, options: ServeOptions, *, config: LoadedConfig | None = None,
+                 pool: EndpointPool | None = None) -> None:
+        """``config``/``pool`` let embedders and tests supply a prebuilt configuration and pool
+        (the options' config file/text are then not read)."""
         self.options = options
+        self._prebuilt = config
         self.settings = options.runtime_settings()
-        self.pool = EndpointPool(options.pool_name, options.pool_namespace)
+        self.pool = pool if pool is not None else EndpointPool(options.pool_name, options.pool_namespace)
         self.config: LoadedConfig | None = None
         self.director: Director | None = None
         self.grpc: GrpcServers | None = None
@@ -134,7 +125,8 @@ class EppServer:
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         opts = self.options
-        config = opts.load_config(self.pool)  # ConfigError propagates: nothing started yet
+        # ConfigError propagates: nothing is started yet.
+        config = self._prebuilt if self._prebuilt is not None else opts.load_config(self.pool)
         for w in config.warnings:
             log.warning("config: %s", w)
         self.config = config
@@ -142,7 +134,7 @@ class EppServer:
 
         self._discovery = _make_discovery(opts, config)
         if self._discovery is not None:
-            self._tasks.append(asyncio.create_task(self._run_discovery(self._discovery), name="discovery"))
+            await self._start_discovery(self._discovery)
         else:
             log.warning("no endpoint discovery configured (--endpoint / --endpoints-file): every request gets 503")
             self.pool.sync([])
@@ -194,13 +186,19 @@ class EppServer:
         if self.config is not None:
             await _close_plugins(self.config)
 
-    async def _run_discovery(self, discovery: Any) -> None:
-        try:
-            await discovery.run(self.pool)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("endpoint discovery failed; the pool keeps its last state")
+    async def _start_discovery(self, discovery: Any, first_sync_timeout: float = 10.0) -> None:
+        """Run discovery in the background; a failing first load (e.g. a bad endpoints file)
+        is a startup error, later failures keep the pool as it was."""
+        task = asyncio.create_task(discovery.run(self.pool), name="discovery")
+        self._tasks.append(task)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + first_sync_timeout
+        while not self.pool.synced and not task.done() and loop.time() < end:
+            await asyncio.sleep(0.01)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise ConfigError([f"endpoint discovery: {task.exception()}"])
+        task.add_done_callback(_log_discovery_end)
+
 
     # --- config reload ---------------------------------------------------------------------
     async def _watch_config(self, path: str, interval: float = 1.0) -> None:

@@ -23,7 +23,6 @@ class PoolGauges:
         self.name = name or pool.name or "default"
         self.staleness = staleness
         self._pod_labels: set[str] = set()
-        self._endpoint_labels: set[str] = set()
 
     def refresh(self) -> None:
         t = now()
@@ -39,23 +38,17 @@ class PoolGauges:
         m.POOL_READY_PODS.labels(self.name).set(sum(1 for ep in endpoints if ep.reachable))
 
         pods = set()
-        keys = set()
         for ep in endpoints:
             pod = ep.metadata.name
             pods.add(pod)
-            keys.add(ep.key)
             m.POOL_PER_POD_QUEUE.labels(self.name, pod).set(ep.metrics.waiting_queue_size)
-            m.ENDPOINT_REACHABLE.labels(self.name, ep.key).set(1 if ep.reachable else 0)
-            age = ep.metrics.age(t)
-            m.ENDPOINT_DATA_AGE.labels(self.name, ep.key).set(age if age != float("inf") else -1)
+            age = ep.metrics.age(t)  # (reachability is the collector's gauge)
+            m.ENDPOINT_DATA_AGE.labels(self.name, pod).set(age if age != float("inf") else -1)
         # Endpoints that left the pool must not keep reporting their last value.
         for pod in self._pod_labels - pods:
             _remove(m.POOL_PER_POD_QUEUE, self.name, pod)
-        for key in self._endpoint_labels - keys:
-            _remove(m.ENDPOINT_REACHABLE, self.name, key)
-            _remove(m.ENDPOINT_DATA_AGE, self.name, key)
+            _remove(m.ENDPOINT_DATA_AGE, self.name, pod)
         self._pod_labels = pods
-        self._endpoint_labels = keys
 
     async def run(self, interval: float = 5.0) -> None:
         while True:

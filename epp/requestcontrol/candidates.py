@@ -11,26 +11,12 @@ meaningless. A present-but-empty hint (or one matching nothing) yields no candid
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from epp.datalayer.endpoint import Endpoint
-from epp.datalayer.pool import EndpointPool
 
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
-
-
-def _fallback_schedulable(pool: EndpointPool) -> Sequence[Endpoint]:
-    return [ep for ep in pool.endpoints() if ep.reachable]
-
-
-def schedulable_source() -> Callable[[EndpointPool], Sequence[Endpoint]]:
-    """The data layer's notion of schedulable endpoints (unreachable ones excluded)."""
-    try:
-        from epp.datalayer import schedulable_endpoints  # type: ignore[attr-defined]
-    except ImportError:
-        return _fallback_schedulable
-    return schedulable_endpoints
 
 
 def subset_hint(metadata: Mapping[str, Any] | None) -> list[str] | None:

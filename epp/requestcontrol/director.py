@@ -24,14 +24,14 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from epp.config.model import LoadedConfig
 from epp.datalayer.endpoint import Endpoint, now
-from epp.datalayer.pool import EndpointPool
+from epp.datalayer.pool import EndpointPool, schedulable_endpoints
 from epp.framework.requestcontrol import ParseError, UsageReader
 from epp.framework.scheduling import CycleState, SchedulingResult
 from epp.framework.types import Candidate, InferenceRequest, InferenceResponse
 from epp.observability import metrics as m
 from epp.observability.decisions import Decision, DecisionLog, debug_header_value, wall_time
 from epp.requestcontrol import errors as E
-from epp.requestcontrol.candidates import filter_by_subset, schedulable_source, subset_hint
+from epp.requestcontrol.candidates import filter_by_subset, subset_hint
 from epp.requestcontrol.rewrite import ModelRewriter, ResponseModelReverser, reserialize
 from epp.scheduling.admission import LegacyAdmission
 from epp.scheduling.scheduler import Scheduler, SchedulingError
@@ -85,10 +85,8 @@ _OUT_TOKENS = _Labelled(m.OUTPUT_TOKENS)
 _CACHED_TOKENS = _Labelled(m.PROMPT_CACHED_TOKENS)
 _NTPOT = _Labelled(m.NTPOT)
 _RUNNING = _Labelled(m.RUNNING_REQUESTS)
-_ATTEMPTS = _Labelled(m.SCHEDULER_ATTEMPTS)
 _PLUGIN_DURATION = _Labelled(m.PLUGIN_DURATION)
 _REWRITES = _Labelled(m.MODEL_REWRITE_DECISIONS)
-_SCHED_E2E = m.SCHEDULER_E2E
 
 
 def _record_error(model: str, target: str, code: str) -> None:
@@ -130,7 +128,7 @@ class Director:
         self.options = options or DirectorOptions()
         self._rng = rng or random.Random()
         self._rt = _Runtime(config, self._rng)
-        self._schedulable = schedulable or schedulable_source()
+        self._schedulable = schedulable or schedulable_endpoints
         self.decisions = DecisionLog(self.options.decision_log_size)
         self.in_flight = 0  # scheduled requests whose ``complete`` has not run yet
         self._warned: set[tuple[str, str]] = set()
@@ -189,21 +187,16 @@ class Director:
             self._run_producers(rt, cycle, req, candidates)
             self._admit(rt, req, candidates)
 
+            # The scheduler records scheduler_e2e_duration and scheduler_attempts itself.
             ts = time.perf_counter()
             try:
                 result = rt.scheduler.schedule(req, candidates, cycle)
                 targets = result.targets
             except (SchedulingError, LookupError) as e:
-                _SCHED_E2E.observe(time.perf_counter() - ts)
-                _ATTEMPTS("failure", target, "", "", "").inc()
                 raise E.exhausted(f"failed to find target endpoint: {e}") from None
             sched_s = time.perf_counter() - ts
-            _SCHED_E2E.observe(sched_s)
             if not targets:
-                _ATTEMPTS("failure", target, "", "", "").inc()
                 raise E.exhausted("failed to find target endpoint: no target endpoint picked")
-            primary = targets[0].metadata
-            _ATTEMPTS("success", target, primary.name, primary.namespace, str(primary.port)).inc()
             dest = targets[0].key if len(targets) == 1 else ",".join(c.key for c in targets)
 
             for plugin, hist in rt.pre_request:

@@ -77,7 +77,7 @@ class LoadedConfig:
     response_streaming: list[ResponseStreaming] = field(default_factory=list)
     response_complete: list[ResponseComplete] = field(default_factory=list)
     feature_gates: list[str] = field(default_factory=list)
-    flow_control: dict[str, Any] | None = None
+    flow_control: dict[str, Any] | None = None  # keys/defaults: epp.config.render.flow_control_settings
     objectives: dict[str, InferenceObjective] = field(default_factory=dict)
     model_rewrites: dict[str, ModelRewrite] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

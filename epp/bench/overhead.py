@@ -1,0 +1,230 @@
+"""`epp bench overhead`: what the EPP adds to a request, through a real Envoy.
+
+The same trivial backend is reached three ways: Envoy direct (round-robin, no ext_proc),
+Envoy + EPP in full duplex (``envoy/envoy.yaml``, the upstream shape) and Envoy + EPP
+buffered (``envoy/envoy-buffered.yaml``). Each is driven closed-loop (as fast as possible,
+fixed concurrency) and open-loop at a fixed rate, with ``hey`` when installed, else a Python
+load generator. Reported: req/s, p50/p99 latency, the p99 added over direct, and EPP CPU
+microseconds per request from ``/proc/<pid>/stat`` (minus the EPP's idle CPU, i.e. the
+collector scraping the backend, measured before the runs).
+
+    run_overhead_bench(Path("bench-out/overhead"), smoke=True)  -> dict, plus overhead.json/.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from epp.bench.procs import ProcessGroup, free_port
+
+BODY = json.dumps({"model": "bench-model", "prompt": "The quick brown fox jumps over the lazy dog. " * 4,
+                   "max_tokens": 16}).encode()
+CONFIGS = (("direct", "envoy-direct.yaml"), ("duplex", "envoy.yaml"), ("buffered", "envoy-buffered.yaml"))
+
+
+@dataclass
+class RunResult:
+    config: str
+    mode: str  # closed-cN | rate-R
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    epp_cpu_us_per_req: float | None = None
+    added_p99_ms: float | None = None
+    tool: str = ""
+
+
+# --- the trivial backend ------------------------------------------------------------------------
+def _backend_main(port: int) -> None:
+    from aiohttp import web
+
+    from epp.bench.metric_pages import vllm_page
+
+    answer = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": "bench-model",
+                         "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41}}).encode()
+    page = vllm_page()
+
+    async def post(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=answer, content_type="application/json")
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=page, content_type="text/plain")
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/{tail:.*}", post)
+    print(f"overhead backend ready port={port}", flush=True)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# --- load generation ----------------------------------------------------------------------------
+_HEY_LAT = re.compile(r"^\s+(\d+)%% in ([\d.]+) secs".replace("%%", "%"), re.M)
+
+
+def _hey(url: str, seconds: float, concurrency: int, rate: float | None) -> tuple[int, int, float, list[tuple[int, float]]]:
+    argv = ["hey", "-z", f"{seconds:g}s", "-c", str(concurrency), "-m", "POST", "-T", "application/json",
+            "-d", BODY.decode()]
+    if rate:
+        argv += ["-q", f"{max(1.0, rate / concurrency):g}"]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 60).stdout
+    ok = sum(int(n) for n in re.findall(r"\[200\]\s+(\d+) responses", out))
+    total = sum(int(n) for n in re.findall(r"\[\d+\]\s+(\d+) responses", out))
+    errors = total - ok + sum(int(n) for n in re.findall(r"^\s+\[\d+\]\s+(\d+)\s+errors", out, re.M))
+    rps = float(m.group(1)) if (m := re.search(r"Requests/sec:\s+([\d.]+)", out)) else 0.0
+    lat = [(int(p), float(s) * 1e3) for p, s in _HEY_LAT.findall(out)]
+    return ok, errors, rps, lat
+
+
+async def _python_load(url: str, seconds: float, concurrency: int, rate: float | None) -> tuple[int, int, list[float]]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    end = time.perf_counter() + seconds
+    headers = {"content-type": "application/json"}
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        try:
+            async with session.post(url, data=BODY, headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+                    return
+        except aiohttp.ClientError:
+            errors += 1
+            return
+        latencies.append((time.perf_counter() - t0) * 1e3)
+
+    conn = aiohttp.TCPConnector(limit=concurrency * 4)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        if rate:
+            tasks = []
+            interval = 1.0 / rate
+            next_at = time.perf_counter()
+            while next_at < end:
+                tasks.append(asyncio.ensure_future(one(session)))
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            await asyncio.gather(*tasks)
+        else:
+            async def worker() -> None:
+                while time.perf_counter() < end:
+                    await one(session)
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(latencies), errors, latencies
+
+
+def _load(url: str, seconds: float, concurrency: int, rate: float | None) -> tuple[int, int, float, float, float, str]:
+    """(ok, errors, rps, p50 ms, p99 ms, tool)."""
+    if shutil.which("hey"):
+        ok, errors, rps, lat = _hey(url, seconds, concurrency, rate)
+        pct = dict(lat)
+        return ok, errors, rps, pct.get(50, float("nan")), pct.get(99, float("nan")), "hey"
+    from epp.bench.report import percentile
+
+    t0 = time.perf_counter()
+    ok, errors, lat = asyncio.run(_python_load(url, seconds, concurrency, rate))
+    elapsed = time.perf_counter() - t0
+    return ok, errors, ok / elapsed, percentile(lat, 50), percentile(lat, 99), "python"
+
+
+# --- the benchmark --------------------------------------------------------------------------------
+def run_overhead_bench(out_dir: Path, *, smoke: bool = False) -> dict[str, Any]:
+    from epp.bench.report import machine_info, markdown_table, write_json
+    from epp.bench.stacks import start_envoy_template, start_epp
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds = 2.0 if smoke else 10.0
+    rate = 200.0 if smoke else 500.0
+    closed_c = 16
+    results: list[RunResult] = []
+    with ProcessGroup(out_dir / "logs") as group:
+        port = free_port()
+        backend = group.start("backend", [sys.executable, "-m", "epp.bench.overhead", "--backend", str(port)])
+        group.wait_for_log(backend, r"overhead backend ready", timeout=30)
+        address = f"127.0.0.1:{port}"
+        epp = start_epp(group, [address])
+        envoys = {name: start_envoy_template(group, template, backends=[address],
+                                             epp_port=None if name == "direct" else epp.grpc_port, name=f"envoy-{name}")
+                  for name, template in CONFIGS}
+        # Warm up every path (connections, JIT-free but caches and the EPP's gRPC connection).
+        for envoy in envoys.values():
+            _load(envoy.url + "/v1/completions", 1.0, 4, None)
+        idle_window = 2.0
+        c0 = epp.process.cpu_seconds()
+        time.sleep(idle_window)
+        idle_rate = (epp.process.cpu_seconds() - c0) / idle_window  # background: the collector's scrapes
+
+        for mode, conc, r in ((f"closed-c{closed_c}", closed_c, None), (f"rate-{rate:g}", 8, rate)):
+            for name, _template in CONFIGS:
+                url = envoys[name].url + "/v1/completions"
+                c0, t0 = epp.process.cpu_seconds(), time.perf_counter()
+                ok, errors, rps, p50, p99, tool = _load(url, seconds, conc, r)
+                elapsed = time.perf_counter() - t0
+                cpu = epp.process.cpu_seconds() - c0 - idle_rate * elapsed
+                res = RunResult(name, mode, ok, errors, round(elapsed, 2), round(rps, 1), round(p50, 3), round(p99, 3),
+                                None if name == "direct" or not ok else round(max(0.0, cpu) / ok * 1e6, 1), tool=tool)
+                results.append(res)
+        for res in results:
+            direct = next(x for x in results if x.mode == res.mode and x.config == "direct")
+            if res.config != "direct":
+                res.added_p99_ms = round(res.p99_ms - direct.p99_ms, 3)
+
+    data = {
+        "benchmark": "overhead",
+        "smoke": smoke,
+        "seconds_per_run": seconds,
+        "fixed_rate": rate,
+        "closed_loop_concurrency": closed_c,
+        "epp_idle_cpu_fraction": round(idle_rate, 4),
+        "machine": machine_info(),
+        "results": [asdict(r) for r in results],
+        "targets": {"duplex_epp_cpu_us_per_req": 250, "added_p99_ms_at_500rps": 2.0},
+    }
+    write_json(out_dir / "overhead.json", data)
+    rows = [(r.config, r.mode, r.rps, r.p50_ms, r.p99_ms, "-" if r.added_p99_ms is None else r.added_p99_ms,
+             "-" if r.epp_cpu_us_per_req is None else r.epp_cpu_us_per_req, r.errors, r.tool) for r in results]
+    md = ["# EPP overhead through Envoy", "",
+          f"Trivial backend; {seconds:g}s per run; closed loop at concurrency {closed_c}, open loop at {rate:g} req/s. "
+          f"EPP CPU is user+system time of the EPP process per request, minus its idle rate "
+          f"({idle_rate * 100:.1f}% of a core: the collector scraping the backend).", "",
+          markdown_table(["config", "mode", "req/s", "p50 ms", "p99 ms", "added p99 ms", "EPP CPU us/req", "errors",
+                          "tool"], rows), ""]
+    (out_dir / "overhead.md").write_text("\n".join(md))
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="EPP overhead benchmark (or its trivial backend)")
+    ap.add_argument("--backend", type=int, metavar="PORT", help="run the trivial backend on PORT")
+    ap.add_argument("--out", default="bench-out/overhead")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if args.backend:
+        _backend_main(args.backend)
+        return 0
+    data = run_overhead_bench(Path(args.out), smoke=args.smoke)
+    print((Path(args.out) / "overhead.md").read_text())
+    return 0 if data["results"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -114,7 +114,7 @@ def run_one(name: str, args: argparse.Namespace) -> tuple[str, str]:
         tb = traceback.format_exc()
         (out_dir / "error.txt").write_text(tb)
         return "failed", tb.strip().splitlines()[-1] + f" (traceback in {out_dir / 'error.txt'})"
-    if result is not None and not (out_dir / "result.json").exists():
+    if result is not None and not any(out_dir.glob("*.json")):
         from epp.bench.report import write_json
 
         try:

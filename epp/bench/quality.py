@@ -30,7 +30,7 @@ from epp.bench import peers as peers_mod
 from epp.bench import report, stacks, workloads
 from epp.bench.capacity import saturation_capacity
 from epp.bench.loadgen import RequestResult, run_workload
-from epp.bench.procs import ProcessGroup, free_port
+from epp.bench.procs import ProcessGroup
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 
@@ -123,30 +123,16 @@ def plan_workload(name: str, settings: QualitySettings, index: int = 0) -> Plann
 # -- one run -------------------------------------------------------------------------------------
 
 
-def _epp_envoy_config(template: str, *, listen_port: int, admin_port: int, epp_port: int,
-                      backends: Sequence[str]) -> str:
-    try:
-        from epp.envoyconfig import render_envoy_config
-    except ModuleNotFoundError as exc:
-        raise RuntimeError("the Envoy config renderer (epp.envoyconfig) is not available yet") from exc
-    return render_envoy_config(template, listen_port=listen_port, admin_port=admin_port,
-                               epp_host="127.0.0.1", epp_port=epp_port, backends=list(backends))
-
-
 def start_policy(group: ProcessGroup, policy: Policy, fleet: stacks.SimFleetHandle,
                  settings: QualitySettings, installs: Mapping[str, peers_mod.PeerInstall]) -> str:
     """Start ``policy``'s router in front of ``fleet``; return the base URL clients use."""
     if policy.kind == "envoy-rr":
-        lp, ap = free_port(), free_port()
-        cfg = stacks.envoy_round_robin_config(fleet.addresses, listen_port=lp, admin_port=ap)
-        return stacks.start_envoy(group, cfg, listen_port=lp, admin_port=ap).url
+        return stacks.start_envoy_template(group, "envoy-direct.yaml", backends=fleet.addresses).url
     if policy.kind == "epp":
         config = CONFIG_DIR / policy.epp_config if policy.epp_config else None
         epp = stacks.start_epp(group, fleet.addresses, config_file=config)
-        lp, ap = free_port(), free_port()
-        text = _epp_envoy_config(settings.envoy_template, listen_port=lp, admin_port=ap, epp_port=epp.grpc_port,
-                                 backends=fleet.addresses)
-        return stacks.start_envoy(group, text, listen_port=lp, admin_port=ap).url
+        return stacks.start_envoy_template(group, settings.envoy_template, backends=fleet.addresses,
+                                           epp_port=epp.grpc_port).url
     if policy.kind == "peer":
         install = installs[policy.peer]
 

@@ -1,9 +1,11 @@
 """Benchmark reporting: statistics, JSON, Markdown summaries, matplotlib plots, docs/benchmarks.md.
 
 Conventions every ``epp bench <x>`` follows (so ``write_docs`` can assemble the document):
-- results go to ``<out>/<x>/``; a ``summary.md`` there is that benchmark's Markdown section,
-  with images referenced by bare file name (``![..](plot.png)``) in the same directory;
-- machine-readable results go to ``<out>/<x>/result.json``.
+- results go to ``<out>/<x>/``; a ``summary.md`` (or ``<x>.md``) there is that benchmark's
+  Markdown section, with images referenced by bare file name (``![..](plot.png)``) in the same
+  directory;
+- machine-readable results go to a JSON file there (``result.json`` unless the benchmark names
+  its own).
 """
 
 from __future__ import annotations
@@ -212,6 +214,15 @@ def plot_cdfs(path: Path, title: str, samples: Mapping[str, Sequence[float]], xl
 
 # -- docs/benchmarks.md ---------------------------------------------------------------------------
 
+def summary_file(bench_dir: Path) -> Path | None:
+    """A benchmark's Markdown section: ``summary.md``, else ``<name>.md``, else its only ``*.md``."""
+    for candidate in (bench_dir / "summary.md", bench_dir / f"{bench_dir.name}.md"):
+        if candidate.is_file():
+            return candidate
+    mds = sorted(bench_dir.glob("*.md")) if bench_dir.is_dir() else []
+    return mds[0] if len(mds) == 1 else None
+
+
 _IMG = re.compile(r"(!\[[^\]]*\]\()([^)/\s]+\.png)(\))")
 
 
@@ -233,12 +244,13 @@ def write_docs(out_dir: Path, docs_path: Path, *, machine: Mapping[str, Any] | N
         machine_markdown(m),
         "",
     ]
-    found = [d for d in BENCH_ORDER if (out_dir / d / "summary.md").exists()]
-    found += sorted(d.name for d in out_dir.iterdir()
-                    if d.is_dir() and d.name not in BENCH_ORDER and (d / "summary.md").exists()) if out_dir.exists() else []
+    dirs = [out_dir / b for b in BENCH_ORDER]
+    if out_dir.exists():
+        dirs += sorted(d for d in out_dir.iterdir() if d.is_dir() and d.name not in BENCH_ORDER)
+    found = {d.name: md for d in dirs if (md := summary_file(d)) is not None}
     missing = [b for b in BENCH_ORDER if b not in found]
-    for bench in found:
-        text = (out_dir / bench / "summary.md").read_text()
+    for bench, md in found.items():
+        text = md.read_text()
         dest = img_root / bench
         for png in (out_dir / bench).glob("*.png"):
             dest.mkdir(parents=True, exist_ok=True)

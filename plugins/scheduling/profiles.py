@@ -139,10 +139,10 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
                 plugin = handle.plugin(ref)
             except KeyError:
                 if strict:
-                    raise ValueError(f"plugin '{self.name}': decider '{ref}' for stage '{stage}' is not a configured plugin") from None
+                    raise ValueError(f"plugin '{self.name}': deciders.{stage}: '{ref}' is not a configured plugin") from None
                 continue  # may be defined later in the config; resolved in start()
             if not isinstance(plugin, StageDecider):
-                raise ValueError(f"plugin '{self.name}': '{ref}' is not a decider (type {plugin.plugin_type})")
+                raise ValueError(f"deciders.{stage}: plugin '{ref}' is not a decider (type '{plugin.plugin_type}')")
             self.deciders[stage] = plugin
 
     def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, SchedulingProfile],

@@ -85,8 +85,7 @@ class ActiveRequestScorer(Scorer):
     @classmethod
     def create(cls, name: str, params: ActiveRequestParams, handle: Handle) -> "ActiveRequestScorer":
         if params.requestTimeout is not None:
-            handle.warn(f"plugin '{name}': parameter 'requestTimeout' is ignored; "
-                        "request lifetimes are tracked by inflight-load-producer")
+            handle.warn("parameter 'requestTimeout' is ignored; request lifetimes are tracked by inflight-load-producer")
         return cls(name, params)
 
     def score(self, cycle: CycleState, request: InferenceRequest, candidates: list[Candidate]) -> Sequence[float]:

@@ -37,7 +37,7 @@ class PrefixCacheScorer(Scorer):
         legacy = [k for k, v in vars(params).items() if v is not None]
         if legacy:
             handle.warn(
-                f"plugin '{name}': parameters {', '.join(legacy)} are ignored by prefix-cache-scorer; "
+                f"parameters {', '.join(legacy)} are ignored by prefix-cache-scorer; "
                 "set them on an approx-prefix-cache-producer plugin"
             )
         return cls(name, params)

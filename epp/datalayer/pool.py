@@ -18,6 +18,10 @@ class EndpointPool:
     ``endpoints()`` returns a tuple built once per change, so the request path gets a cheap,
     stable list. Discovery calls ``sync()`` with the full desired set; listeners (the
     collector, stateful plugins) hear about additions and removals.
+
+    ``schedulable()`` is the subset the scheduler may pick from: endpoints the collector
+    has not marked unreachable, or all of them when every one is (never schedule into
+    nothing). Reachability changes go through ``set_reachable`` so that tuple stays current.
     """
 
     def __init__(self, name: str = "", namespace: str = "default") -> None:
@@ -25,6 +29,7 @@ class EndpointPool:
         self.namespace = namespace
         self._by_key: dict[str, Endpoint] = {}
         self._snapshot: tuple[Endpoint, ...] = ()
+        self._schedulable: tuple[Endpoint, ...] = ()
         self._listeners: list[Listener] = []
         self.synced = False
 
@@ -37,6 +42,19 @@ class EndpointPool:
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         return self._snapshot
+
+    def schedulable(self) -> tuple[Endpoint, ...]:
+        """Reachable endpoints, or every endpoint if none is reachable."""
+        return self._schedulable
+
+    def set_reachable(self, ep: Endpoint, reachable: bool) -> bool:
+        """Record a health verdict of the collector; returns whether it changed anything."""
+        if ep.reachable == reachable:
+            return False
+        ep.reachable = reachable
+        if self._by_key.get(ep.key) is ep:
+            self._rebuild()
+        return True
 
     def get(self, key: str) -> Endpoint | None:
         return self._by_key.get(key)
@@ -77,6 +95,7 @@ class EndpointPool:
 
     def _rebuild(self) -> None:
         self._snapshot = tuple(self._by_key.values())
+        self._schedulable = tuple(ep for ep in self._snapshot if ep.reachable) or self._snapshot
 
     def _emit(self, event: str, ep: Endpoint) -> None:
         for listener in list(self._listeners):
@@ -84,3 +103,8 @@ class EndpointPool:
                 listener(event, ep)
             except Exception:  # one broken listener must not break discovery
                 log.exception("endpoint pool listener failed on %s %s", event, ep.key)
+
+
+def schedulable_endpoints(pool: EndpointPool) -> tuple[Endpoint, ...]:
+    """The endpoints scheduling may use (see ``EndpointPool.schedulable``)."""
+    return pool.schedulable()

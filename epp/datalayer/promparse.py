@@ -4,8 +4,8 @@ A vLLM page is ~60 KB / ~600 lines and we read it 20 times a second per endpoint
 parser is one C-speed regex scan rather than Python string handling per line:
 
 * **selective** (``wanted`` = family names): the scan only stops on lines of the wanted
-  families and their ``# HELP``/``# TYPE`` lines. Everything else is skipped unread,
-  including garbage in families nobody asked for.
+  families and their ``# TYPE`` lines (``help`` stays empty). Everything else is skipped
+  unread, including garbage in families nobody asked for.
 * **full** (``wanted=None``): the scan matches every well-formed line; a line count proves
   nothing was skipped, otherwise a line-by-line pass reads the odd lines (indentation,
   blank runs) and names a bad one.
@@ -51,27 +51,48 @@ class PromParseError(ValueError):
     """The page is not valid Prometheus text; the message names the line."""
 
 
-def _line_regex(names: str) -> re.Pattern[str]:
+def _line_regex(names: str, comments: str) -> re.Pattern[str]:
     # Anchored on the preceding newline: sre jumps from line to line with a fast literal
-    # search and only tries the alternatives at line starts. The third alternative catches
-    # lines of the selected names that are not well-formed, so they are reported, not lost.
+    # search and only tries the alternatives at line starts. The name is matched once; a
+    # line of a selected name that is not a well-formed sample falls into the last group,
+    # so it is reported, not silently lost.
     return re.compile(
-        rf"\n(?:#[ \t]+(TYPE|HELP)[ \t]+({names})(?:[ \t]+([^\n]*?))?[ \t]*"
-        rf"|({names})(?=[ \t{{])[ \t]*(?:\{{([^\n]*)\}})?[ \t]*(?<=[ \t}}])"
-        rf"([^ \t\n]+)(?:[ \t]+([^ \t\n]+))?[ \t]*"
-        rf"|({names})(?=[ \t{{])[^\n]*)(?=\n)"
+        rf"\n(?:#[ \t]+({comments})[ \t]+({names})(?:[ \t]+([^\n]*?))?[ \t]*"
+        rf"|({names})(?=[ \t{{])(?:[ \t]*(?:\{{([^\n]*)\}})?[ \t]*(?<=[ \t}}])"
+        rf"([^ \t\n]+)(?:[ \t]+([^ \t\n]+))?[ \t]*|([^\n]*)))(?=\n)"
     )
 
 
-_FULL_RE = _line_regex(_NAME)
+_FULL_RE = _line_regex(_NAME, "TYPE|HELP")
 
 
 @lru_cache(maxsize=64)
 def _selective_regex(wanted: frozenset[str]) -> re.Pattern[str]:
-    # Longest first, so a name that is a prefix of another never shadows it.
-    alts = "|".join(re.escape(n) for n in sorted(wanted, key=lambda n: (-len(n), n)))
+    # HELP lines are not read: extractors need types and values, and skipping them keeps
+    # the scan cheap.
     suffixes = "|".join(re.escape(s) for s in ALL_SUFFIXES)
-    return _line_regex(f"(?:{alts})(?:{suffixes})?")
+    return _line_regex(f"{_trie(wanted)}(?:{suffixes})?", "TYPE")
+
+
+def _trie(words: Iterable[str]) -> str:
+    """An alternation factored by common prefixes, so sre compares each prefix once."""
+    root: dict = {}
+    for w in words:
+        node = root
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict) -> str:
+        branches = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        optional = "" in node
+        if len(branches) == 1 and not optional:
+            return branches[0]
+        return "(?:" + "|".join(branches) + ")" + ("?" if optional else "")
+
+    return "(?:" + build(root) + ")"
 
 
 def expand_wanted(names: Iterable[str]) -> frozenset[str]:
@@ -198,8 +219,6 @@ class _Builder:
                 n += 1
                 name = m.group(_G_NAME)
                 if name is None:
-                    if m.group(_G_BAD) is not None:
-                        raise PromParseError(_diagnose(m.group(0).strip()))
                     self.comment_lines += 1
                     self._comment(m.group(_G_KIND), m.group(_G_CNAME), m.group(_G_CTEXT) or "")
                     continue
@@ -208,6 +227,8 @@ class _Builder:
                     fam = owner[name] = self._resolve(name)
                 if fam is None:
                     continue
+                if m.group(_G_BAD) is not None:
+                    raise PromParseError(_diagnose(m.group(0).strip()))
                 label_text = m.group(_G_LABELS)
                 if label_text:
                     labels = cache.get(label_text)
@@ -307,3 +328,19 @@ def _unescape_help(m: re.Match[str]) -> str:
 def _clip(s: str, n: int = 80) -> str:
     s = s.strip()
     return repr(s if len(s) <= n else s[:n] + "...")
+
+
+def families_wanted_by(extractors: Iterable[object]) -> frozenset[str] | None:
+    """The union of the families the extractors read, or None if any wants them all.
+
+    An extractor declares ``wanted_families() -> frozenset[str] | None``; one without that
+    method is assumed to read everything (safe, but costs a full parse per scrape).
+    """
+    names: set[str] = set()
+    for ex in extractors:
+        declare = getattr(ex, "wanted_families", None)
+        wanted = declare() if callable(declare) else None
+        if wanted is None:
+            return None
+        names.update(wanted)
+    return frozenset(names)

@@ -33,6 +33,7 @@ import yaml
 from epp.datalayer.endpoint import EndpointMetadata
 from epp.datalayer.pool import EndpointPool
 from epp.framework.datalayer import Discovery
+from epp.framework.params import NoParams
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,9 @@ class StaticDiscovery(Discovery):
         *,
         poll_interval: float = 0.25,
         name: str | None = None,
+        params: Any = None,
     ) -> None:
-        super().__init__(name or self.plugin_type, None)
+        super().__init__(name or self.plugin_type, params if params is not None else NoParams())
         self.flag_endpoints = tuple(parse_endpoint_flag(e) for e in endpoints)
         self.endpoints_file = endpoints_file or None
         self.poll_interval = poll_interval

@@ -36,6 +36,5 @@ class StaticDiscoveryPlugin(StaticDiscovery):
 
     @classmethod
     def create(cls, name: str, params: StaticDiscoveryParams, handle: Handle) -> "StaticDiscoveryPlugin":
-        plugin = cls(params.endpoints, params.endpointsFile or None, poll_interval=float(params.pollInterval), name=name)
-        plugin.params = params
-        return plugin
+        return cls(params.endpoints, params.endpointsFile or None, poll_interval=float(params.pollInterval), name=name,
+                   params=params)

@@ -363,8 +363,9 @@ class RequestContext:
                 usage = None
                 self._usage_done = True
             if usage is not None:
+                # Keep feeding: servers that repeat cumulative usage in every chunk (vLLM
+                # continuous_usage_stats) end with the final totals; the newest wins.
                 resp.usage = usage
-                self._usage_done = True
         if self.rt.streaming:
             for plugin in self.rt.streaming:
                 try:

@@ -22,7 +22,7 @@ from typing import Any
 from epp.config.errors import ConfigError
 from epp.config.model import LoadedConfig
 from epp.datalayer.pool import EndpointPool
-from epp.extproc.grpcserver import GrpcServers, PortInUseError, build_grpc_servers
+from epp.extproc.grpcserver import GrpcServers, PortInUseError, start_grpc_servers
 from epp.extproc.health import HealthService
 from epp.extproc.service import ExtProcService
 from epp.extproc.stream import StreamSettings
@@ -152,10 +152,9 @@ class EppServer:
                                          request_timeout=opts.request_timeout or 1e9)
         service = ExtProcService(self.director, stream_settings)
         health = HealthService(lambda: self.pool.synced)
-        self.grpc = build_grpc_servers(service, health, host=opts.bind_address, port=opts.grpc_port,
-                                       health_port=opts.grpc_health_port, secure=opts.secure_serving,
-                                       cert_path=opts.cert_path, max_body_bytes=opts.max_request_body_bytes)
-        await self.grpc.start()
+        self.grpc = await start_grpc_servers(service, health, host=opts.bind_address, port=opts.grpc_port,
+                                             health_port=opts.grpc_health_port, secure=opts.secure_serving,
+                                             cert_path=opts.cert_path, max_body_bytes=opts.max_request_body_bytes)
         self.grpc_port, self.health_port = self.grpc.extproc_port, self.grpc.health_port or 0
 
         director = self.director
@@ -166,8 +165,8 @@ class EppServer:
         if opts.config_reload and opts.config_file:
             self._tasks.append(asyncio.create_task(self._watch_config(opts.config_file), name="config-watch"))
         m.INFO.labels(os.environ.get("EPP_COMMIT", "dev"), os.environ.get("EPP_BUILD_REF", "dev")).set(1)
-        log.info("epp ready grpc_port=%d health_port=%d metrics_port=%d secure=%s",
-                 self.grpc_port, self.health_port, self.metrics_port, opts.secure_serving)
+        log.info("epp ready grpc_port=%d health_port=%d metrics_port=%d secure=%s core=%s",
+                 self.grpc_port, self.health_port, self.metrics_port, opts.secure_serving, self.grpc.core)
 
     async def stop(self) -> None:
         if self.grpc is not None:

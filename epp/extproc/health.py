@@ -26,23 +26,23 @@ class HealthService(health_pb2_grpc.HealthServicer):
         self._ready = ready
         self._watch_interval = watch_interval
 
-    def _status(self) -> int:
+    def status(self) -> int:
         try:
             return _SERVING if self._ready() else _NOT_SERVING
         except Exception:
             return _NOT_SERVING
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):
-        return health_pb2.HealthCheckResponse(status=self._status())
+        return health_pb2.HealthCheckResponse(status=self.status())
 
     async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext):
-        status = health_pb2.HealthCheckResponse(status=self._status())
+        status = health_pb2.HealthCheckResponse(status=self.status())
         return health_pb2.HealthListResponse(statuses={name: status for name in KNOWN_SERVICES})
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):
         last = None
         while True:
-            status = self._status()
+            status = self.status()
             if status != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 _EOF = grpc.aio.EOF
 
 
-def _serialize(message: Any) -> bytes:
+def serialize(message: Any) -> bytes:
     # Pre-serialised bytes pass straight through (lets hot paths skip message building).
     return message if type(message) is bytes else message.SerializeToString()
 
@@ -52,10 +52,13 @@ class ExtProcService:
         self.active_streams = 0
         self._outcomes = _StreamOutcomes()
 
+    def record_outcome(self, outcome: str) -> None:
+        self._outcomes.inc(outcome)
+
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(msg.SERVICE_NAME, {
             "Process": grpc.stream_stream_rpc_method_handler(
-                self.process, request_deserializer=pb.ProcessingRequest.FromString, response_serializer=_serialize),
+                self.process, request_deserializer=pb.ProcessingRequest.FromString, response_serializer=serialize),
         })
 
     async def process(self, _request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
@@ -96,4 +99,4 @@ class ExtProcService:
             if timer is not None:
                 timer.cancel()
             self.active_streams -= 1
-            self._outcomes.inc(stream.finish())
+            self.record_outcome(stream.finish())

@@ -58,7 +58,7 @@ def self_signed_certificate(hosts: tuple[str, ...] = ("localhost", "127.0.0.1", 
 
 
 class CertificateReloader:
-    """Serves the current ``tls.crt``/``tls.key`` of a directory to gRPC's handshakes."""
+    """Watches ``tls.crt``/``tls.key`` of a directory; both servers ask it for new versions."""
 
     def __init__(self, cert_dir: str | os.PathLike[str], check_interval: float = 1.0) -> None:
         self.cert_path = Path(cert_dir) / CERT_FILE
@@ -68,18 +68,16 @@ class CertificateReloader:
         self._stamp = self._mtimes()
         self._next_check = time.monotonic() + check_interval
         self.reloads = 0
-        self.initial = self._load()  # raises if the files are missing or unreadable
+        self.pair = self._read()  # raises if the files are missing or unreadable
 
     def _mtimes(self) -> tuple[int, int]:
         return (self.cert_path.stat().st_mtime_ns, self.key_path.stat().st_mtime_ns)
 
-    def _load(self) -> grpc.ServerCertificateConfiguration:
-        cert = self.cert_path.read_bytes()
-        key = self.key_path.read_bytes()
-        return grpc.ssl_server_certificate_configuration([(key, cert)])
+    def _read(self) -> tuple[bytes, bytes]:
+        return self.cert_path.read_bytes(), self.key_path.read_bytes()
 
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """gRPC's fetcher callback: a new configuration, or None to keep the current one."""
+    def poll(self) -> tuple[bytes, bytes] | None:
+        """(certificate PEM, key PEM) if the files changed since the last look, else None."""
         now = time.monotonic()
         if now < self._next_check:
             return None
@@ -89,14 +87,25 @@ class CertificateReloader:
                 stamp = self._mtimes()
                 if stamp == self._stamp:
                     return None
-                config = self._load()
+                pair = self._read()
             except OSError as e:  # mid-rotation (one file replaced, not yet the other): retry later
                 log.warning("cannot reload TLS certificate from %s: %s", self.cert_path.parent, e)
                 return None
             self._stamp = stamp
+            self.pair = pair
             self.reloads += 1
             log.info("reloaded TLS certificate from %s", self.cert_path.parent)
-            return config
+            return pair
+
+    @staticmethod
+    def grpc_config(pair: tuple[bytes, bytes]) -> grpc.ServerCertificateConfiguration:
+        cert, key = pair
+        return grpc.ssl_server_certificate_configuration([(key, cert)])
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpcio's fetcher callback (called at handshakes): a new configuration or None."""
+        pair = self.poll()
+        return None if pair is None else self.grpc_config(pair)
 
 
 def server_credentials(cert_path: str | None) -> tuple[grpc.ServerCredentials, CertificateReloader | None]:
@@ -104,7 +113,7 @@ def server_credentials(cert_path: str | None) -> tuple[grpc.ServerCredentials, C
     certificate generated now."""
     if cert_path:
         reloader = CertificateReloader(cert_path)
-        creds = grpc.dynamic_ssl_server_credentials(reloader.initial, reloader.fetch,
+        creds = grpc.dynamic_ssl_server_credentials(reloader.grpc_config(reloader.pair), reloader.fetch,
                                                     require_client_authentication=False)
         return creds, reloader
     cert, key = self_signed_certificate()

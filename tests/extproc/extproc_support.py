@@ -20,7 +20,7 @@ from google.protobuf import struct_pb2
 from epp.config.model import InferenceObjective, LoadedConfig, ModelRewrite
 from epp.datalayer.endpoint import EndpointMetadata
 from epp.datalayer.pool import EndpointPool
-from epp.extproc.grpcserver import build_grpc_servers
+from epp.extproc.grpcserver import start_grpc_servers
 from epp.extproc.health import HealthService
 from epp.extproc.service import ExtProcService
 from epp.extproc.stream import StreamSettings
@@ -244,12 +244,11 @@ class EppThread:
         return self
 
     async def _start(self) -> None:
-        self.servers = build_grpc_servers(self.service, self.health, host="127.0.0.1", port=0,
-                                          health_port=self._health_port, secure=self._secure,
-                                          cert_path=self._cert_path, max_body_bytes=16 << 20)
+        self.servers = await start_grpc_servers(self.service, self.health, host="127.0.0.1", port=0,
+                                                health_port=self._health_port, secure=self._secure,
+                                                cert_path=self._cert_path, max_body_bytes=16 << 20)
         self.port = self.servers.extproc_port
         self.health_bound = self.servers.health_port
-        await self.servers.start()
 
     def __exit__(self, *exc: Any) -> None:
         asyncio.run_coroutine_threadsafe(self.servers.stop(0.2), self.loop).result(10)

@@ -98,3 +98,50 @@ def test_example_d_prefill_decode() -> None:
     assert req.added_headers["x-prefiller-host-port"] == "10.0.4.1:8000"
     short, req = decide(cfg, eps, chat_body("hi"), CHAT)  # too few tokens to be worth a prefill hop
     assert set(short.profile_results) == {"decode"} and "x-prefiller-host-port" not in req.added_headers
+
+
+STATEFUL = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: concurrency-detector
+  parameters: {maxConcurrency: 1}
+- type: active-request-scorer
+- type: session-affinity-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: active-request-scorer
+  - pluginRef: session-affinity-scorer
+    weight: 10
+saturationDetector:
+  pluginRef: concurrency-detector
+"""
+
+
+def test_stateful_plugins_through_a_loaded_config() -> None:
+    """Producers are auto-created for consumed data; hooks are wired; in-flight load and the
+    session token follow a request's whole life."""
+    from epp.framework.types import InferenceResponse
+
+    cfg = load_config(STATEFUL)
+    assert [p.plugin_type for p in cfg.producers] == ["inflight-load-producer"]
+    eps = [endpoint("10.0.6.1"), endpoint("10.0.6.2")]
+    first, req1 = decide(cfg, eps, chat_body("a"), CHAT)
+    busy = first.targets[0].key
+    # the in-flight request steers the next one to the other endpoint (active-request-scorer)
+    second, req2 = decide(cfg, eps, chat_body("b"), CHAT)
+    assert second.targets[0].key != busy
+    assert cfg.saturation_detector.saturation([Candidate(e) for e in eps]) == 1.0  # 2 in flight / (1 x 2)
+    # the response carries a session token; a request presenting it sticks to that endpoint
+    resp = InferenceResponse(req1.request_id)
+    for hook in cfg.response_received:
+        hook.response_received(req1, resp, busy)
+    token = resp.added_headers["x-session-token"]
+    for hook in cfg.response_complete:
+        hook.response_complete(req1, resp, busy)
+        hook.response_complete(req2, InferenceResponse(req2.request_id), second.targets[0].key)
+    assert cfg.saturation_detector.saturation([Candidate(e) for e in eps]) == 0.0
+    for i in range(5):
+        sticky, _ = decide(cfg, eps, chat_body(f"c{i}"), {**CHAT, "x-session-token": token})
+        assert sticky.targets[0].key == busy

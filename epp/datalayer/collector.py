@@ -42,9 +42,9 @@ WARN_EVERY = 30.0  # seconds between warnings for the same endpoint and plugin
 class CollectorSink(Protocol):
     """Where the collector reports errors and health (the EPP's Prometheus metrics by default)."""
 
-    def poll_error(self, source_type: str) -> None: ...
+    def poll_error(self, source_type: str, count: int = 1) -> None: ...
 
-    def extract_error(self, source_type: str, extractor_type: str) -> None: ...
+    def extract_error(self, source_type: str, extractor_type: str, count: int = 1) -> None: ...
 
     def reachability(self, endpoint: Endpoint, reachable: bool) -> None: ...
 
@@ -60,11 +60,11 @@ class MetricsSink:
         self._m = metrics
         self.pool_name = pool_name
 
-    def poll_error(self, source_type: str) -> None:
-        self._m.DATALAYER_POLL_ERRORS.labels(source_type).inc()
+    def poll_error(self, source_type: str, count: int = 1) -> None:
+        self._m.DATALAYER_POLL_ERRORS.labels(source_type).inc(count)
 
-    def extract_error(self, source_type: str, extractor_type: str) -> None:
-        self._m.DATALAYER_EXTRACT_ERRORS.labels(source_type, extractor_type).inc()
+    def extract_error(self, source_type: str, extractor_type: str, count: int = 1) -> None:
+        self._m.DATALAYER_EXTRACT_ERRORS.labels(source_type, extractor_type).inc(count)
 
     def reachability(self, endpoint: Endpoint, reachable: bool) -> None:
         self._m.ENDPOINT_REACHABLE.labels(self.pool_name, endpoint.metadata.name).set(1 if reachable else 0)

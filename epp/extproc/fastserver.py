@@ -102,6 +102,12 @@ def _trailers(status: int, message: str = "") -> bytes:
     return block
 
 
+def _table_state(table: Any) -> tuple:
+    """Changes whenever an HPACK block inserts, evicts or resizes (entries are new tuples)."""
+    entries = table.dynamic_entries
+    return (len(entries), id(entries[0]) if entries else 0, table.maxsize)
+
+
 class _H2Error(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -275,6 +281,8 @@ class _Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.preface_seen = False
         self.decoder = Decoder()
+        self.hpack_cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self.hpack_state: tuple = ()
         self.streams: dict[int, _Stream] = {}
         self.last_sid = 0
         self.peer_initial_window = DEFAULT_WINDOW
@@ -409,11 +417,33 @@ class _Connection(asyncio.Protocol):
             st.recv_unacked = 0
         st.on_data(payload, bool(flags & F_END_STREAM))
 
-    def _headers(self, sid: int, flags: int, block: bytes) -> None:
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """HPACK-decode, remembering blocks that left the dynamic table untouched.
+
+        Envoy sends the same bytes for every ext_proc stream's headers once its dynamic
+        table holds them (indexed fields plus a Huffman-coded literal :path that is never
+        indexed); decoding that in Python costs more than the rest of a request. A cached
+        result is valid while the table does not change (``_table_state``).
+        """
+        table = self.decoder.header_table
+        state = _table_state(table)
+        if state != self.hpack_state:
+            self.hpack_cache.clear()
+            self.hpack_state = state
+        cached = self.hpack_cache.get(block)
+        if cached is not None:
+            return cached
         try:
             headers = self.decoder.decode(block, raw=True)
         except HPACKError as e:
             raise _H2Error(COMPRESSION_ERROR, f"bad header block: {e}") from None
+        after = _table_state(table)
+        if after == state and len(self.hpack_cache) < 64:
+            self.hpack_cache[block] = headers
+        return headers
+
+    def _headers(self, sid: int, flags: int, block: bytes) -> None:
+        headers = self._decode(block)
         end_stream = bool(flags & F_END_STREAM)
         st = self.streams.get(sid)
         if st is not None:  # trailers from the client

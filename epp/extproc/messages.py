@@ -60,10 +60,30 @@ def _routing_common(set_headers: list[tuple[str, str]], body: bytes | None = Non
     return common
 
 
-def route_in_headers(set_headers: list[tuple[str, str]], dest: str) -> pb.ProcessingResponse:
-    """The pick as the answer to request headers (full duplex, or a header-only request)."""
-    return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=_routing_common(set_headers)),
+_ROUTE_CACHE: dict[str, bytes] = {}
+_ROUTE_CACHE_MAX = 4096
+
+
+def route_in_headers(set_headers: list[tuple[str, str]], dest: str) -> pb.ProcessingResponse | bytes:
+    """The pick as the answer to request headers (full duplex, or a header-only request).
+
+    When the only header is the destination (the common case) the serialised answer is
+    cached per destination: the pool is small, the message is the same every time.
+    """
+    plain = len(set_headers) == 1
+    if plain:
+        cached = _ROUTE_CACHE.get(dest)
+        if cached is not None:
+            return cached
+    resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=_routing_common(set_headers)),
                                  dynamic_metadata=lb_metadata(dest))
+    if not plain:
+        return resp
+    data = resp.SerializeToString(deterministic=True)
+    if len(_ROUTE_CACHE) >= _ROUTE_CACHE_MAX:
+        _ROUTE_CACHE.clear()
+    _ROUTE_CACHE[dest] = data
+    return data
 
 
 def route_in_body(set_headers: list[tuple[str, str]], dest: str, body: bytes | None) -> pb.ProcessingResponse:
@@ -73,7 +93,7 @@ def route_in_body(set_headers: list[tuple[str, str]], dest: str, body: bytes | N
                                  dynamic_metadata=lb_metadata(dest))
 
 
-def streamed_request_body(data: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+def streamed_request_body(data: bytes, end_of_stream: bool) -> list[bytes]:
     """The request body echoed back in chunks of at most ``BODY_CHUNK`` bytes (an empty body
     still yields one message, so the end of stream is always signalled)."""
     n = len(data)
@@ -87,14 +107,54 @@ def streamed_request_body(data: bytes, end_of_stream: bool) -> list[pb.Processin
     return out
 
 
-def _streamed_request_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)))))
+def _streamed_request_chunk(data: bytes, eos: bool) -> bytes:
+    return streamed_chunk_bytes(data, eos, response=False)
 
 
-def streamed_response_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
-        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)))))
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# Wire-format tags: (field number << 3) | 2 (length-delimited).
+_TAG_REQUEST_BODY = b"\x1a"  # ProcessingResponse.request_body = 3
+_TAG_RESPONSE_BODY = b"\x22"  # ProcessingResponse.response_body = 4
+_TAG_RESPONSE = b"\x0a"  # BodyResponse.response = 1
+_TAG_BODY_MUTATION = b"\x1a"  # CommonResponse.body_mutation = 3
+_TAG_STREAMED = b"\x1a"  # BodyMutation.streamed_response = 3
+_TAG_BODY = b"\x0a"  # StreamedBodyResponse.body = 1
+_EOS_TRUE = b"\x10\x01"  # StreamedBodyResponse.end_of_stream = 2 (varint true)
+
+
+def streamed_chunk_bytes(data: bytes, eos: bool, *, response: bool = True) -> bytes:
+    """A serialised ProcessingResponse echoing one body chunk as ``streamed_response``.
+
+    Encoded by hand, the per-chunk hot path of full-duplex streaming: five nested messages
+    and one copy of the payload, instead of building and serialising protobuf objects.
+    Identical bytes to the protobuf encoding (checked by the tests).
+    """
+    n = len(data)
+    sbr_len = (1 + len(_varint(n)) + n if n else 0) + (2 if eos else 0)
+    bm_len = 1 + len(_varint(sbr_len)) + sbr_len
+    cr_len = 1 + len(_varint(bm_len)) + bm_len
+    br_len = 1 + len(_varint(cr_len)) + cr_len
+    parts = [_TAG_RESPONSE_BODY if response else _TAG_REQUEST_BODY, _varint(br_len),
+             _TAG_RESPONSE, _varint(cr_len), _TAG_BODY_MUTATION, _varint(bm_len), _TAG_STREAMED, _varint(sbr_len)]
+    if n:
+        parts += (_TAG_BODY, _varint(n), data)
+    if eos:
+        parts.append(_EOS_TRUE)
+    return b"".join(parts)
+
+
+def streamed_response_chunk(data: bytes, eos: bool) -> bytes:
+    return streamed_chunk_bytes(data, eos, response=True)
 
 
 def replaced_response_body(data: bytes) -> pb.ProcessingResponse:

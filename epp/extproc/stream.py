@@ -34,7 +34,7 @@ exactly once, from ``finish`` at the latest.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Union
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
@@ -56,6 +56,9 @@ CLOSED = 5  # an ImmediateResponse was sent; nothing more to do
 STATE_NAMES = ("expect-headers", "request-body", "routed", "response-body", "response-done", "closed")
 
 _OVERRIDABLE = (msg.STREAMED, msg.BUFFERED, msg.BUFFERED_PARTIAL)
+
+# An answer is a ProcessingResponse or its serialised bytes (hot paths build bytes directly).
+Out = Union[pb.ProcessingResponse, bytes]
 
 
 class StreamSettings:
@@ -101,7 +104,7 @@ class ExtProcStream:
         return self.state >= ROUTED
 
     # --- events ----------------------------------------------------------------------------
-    def on_message(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    def on_message(self, req: pb.ProcessingRequest) -> list[Out]:
         kind = req.WhichOneof("request")
         state = self.state
         # Hot path first: response chunks of a routed request.
@@ -140,7 +143,7 @@ class ExtProcStream:
             log.exception("ext_proc stream failed on %s", kind)
             return self._fail(RequestError("Internal", f"{type(e).__name__}: {e}"), "internal-error")
 
-    def on_deadline(self) -> list[pb.ProcessingResponse]:
+    def on_deadline(self) -> list[Out]:
         """The request phase took too long (body never completed): answer 504 if still open."""
         if self.state >= ROUTED:
             return []
@@ -166,7 +169,7 @@ class ExtProcStream:
         return self.outcome
 
     # --- request phase ---------------------------------------------------------------------
-    def _request_headers(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    def _request_headers(self, req: pb.ProcessingRequest) -> list[Out]:
         if req.HasField("protocol_config"):
             pc = req.protocol_config
             self.req_mode = pc.request_body_mode
@@ -184,7 +187,7 @@ class ExtProcStream:
             return []  # the answer carries the pick, so it waits for the body
         return [msg.EMPTY_REQUEST_HEADERS]
 
-    def _request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+    def _request_body(self, body: pb.HttpBody) -> list[Out]:
         data = body.body
         if data:
             self.size += len(data)
@@ -197,7 +200,7 @@ class ExtProcStream:
             return [msg.EMPTY_REQUEST_BODY]  # these modes want every chunk acknowledged
         return []
 
-    def _route(self, trailers: bool) -> list[pb.ProcessingResponse]:
+    def _route(self, trailers: bool) -> list[Out]:
         chunks = self.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.chunks = []
@@ -216,7 +219,7 @@ class ExtProcStream:
         return out
 
     # --- response phase --------------------------------------------------------------------
-    def _response_headers(self, rh: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
+    def _response_headers(self, rh: pb.HttpHeaders) -> list[Out]:
         self.state = RESPONSE_BODY
         ctx = self.ctx
         if ctx is None:  # header-only request: nothing was scheduled, nothing to observe
@@ -232,7 +235,7 @@ class ExtProcStream:
             self.body_overridden = True
         return [msg.response_headers(added, body_mode_override=override)]
 
-    def _response_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+    def _response_body(self, body: pb.HttpBody) -> list[Out]:
         data = body.body
         eos = body.end_of_stream
         ctx = self.ctx
@@ -246,7 +249,7 @@ class ExtProcStream:
         return [msg.EMPTY_RESPONSE_BODY]
 
     # --- errors ----------------------------------------------------------------------------
-    def _fail(self, err: RequestError, outcome: str) -> list[pb.ProcessingResponse]:
+    def _fail(self, err: RequestError, outcome: str) -> list[Out]:
         self.state = CLOSED
         self.outcome = outcome
         self.chunks = []

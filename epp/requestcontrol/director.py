@@ -75,6 +75,8 @@ class _Labelled:
         return child
 
 
+TIMING_EVERY = 16
+
 _REQ_TOTAL = _Labelled(m.REQUEST_TOTAL)
 _REQ_ERRORS = _Labelled(m.REQUEST_ERROR_TOTAL)
 _REQ_DURATION = _Labelled(m.REQUEST_DURATION)
@@ -131,6 +133,7 @@ class Director:
         self._schedulable = schedulable or schedulable_endpoints
         self.decisions = DecisionLog(self.options.decision_log_size)
         self.in_flight = 0  # scheduled requests whose ``complete`` has not run yet
+        self._tick = 0
         self._warned: set[tuple[str, str]] = set()
 
     # --- configuration ---------------------------------------------------------------------
@@ -141,6 +144,13 @@ class Director:
     def swap_config(self, config: LoadedConfig) -> None:
         """Use a new config for new requests; requests in flight finish with the old one."""
         self._rt = _Runtime(config, self._rng)
+
+    def _sample(self) -> bool:
+        """Whether this request's hooks are timed: one in TIMING_EVERY, as the scheduling
+        profile samples its plugins (two clock reads and an observation per hook would
+        otherwise cost more than most hooks)."""
+        self._tick += 1
+        return self._tick % TIMING_EVERY == 0
 
     # --- request path ----------------------------------------------------------------------
     def handle_request(self, headers: dict[str, str], body: bytes,
@@ -199,13 +209,15 @@ class Director:
                 raise E.exhausted("failed to find target endpoint: no target endpoint picked")
             dest = targets[0].key if len(targets) == 1 else ",".join(c.key for c in targets)
 
+            timed = self._sample()
             for plugin, hist in rt.pre_request:
-                tp = time.perf_counter()
+                tp = time.perf_counter() if timed else 0.0
                 try:
                     plugin.pre_request(req, result)
                 except Exception:
                     self._warn_once(plugin, "pre_request")
-                hist.observe(time.perf_counter() - tp)
+                if timed:
+                    hist.observe(time.perf_counter() - tp)
         except E.RequestError as e:
             _record_error(model, target, e.code)
             raise
@@ -213,7 +225,7 @@ class Director:
         body_out: bytes | None = None
         if target != model and payload is not None:
             body_out = reserialize(payload, target)
-        ctx = RequestContext(self, rt, req, result, dest, body_out, t0)
+        ctx = RequestContext(self, rt, req, result, dest, body_out, t0, timed)
         total_s = time.perf_counter() - t0
         decision = Decision(wall_time(), req.request_id, model, target, req.priority, len(candidates), result,
                             dest, sched_s, total_s)
@@ -286,10 +298,11 @@ class RequestContext:
     """One scheduled request, from the pick to the end of its response."""
 
     __slots__ = ("director", "rt", "request", "result", "target", "body_out", "started", "response",
-                 "debug_value", "done", "_reader", "_reverse", "_usage_done")
+                 "debug_value", "done", "timed", "_reader", "_reverse", "_usage_done")
 
     def __init__(self, director: Director, rt: _Runtime, request: InferenceRequest, result: SchedulingResult,
-                 target: str, body_out: bytes | None, started: float) -> None:
+                 target: str, body_out: bytes | None, started: float, timed: bool = False) -> None:
+        self.timed = timed  # whether this request's hooks are timed (sampled)
         self.director = director
         self.rt = rt
         self.request = request
@@ -325,13 +338,15 @@ class RequestContext:
         status = headers.get(":status", "")
         resp.status = int(status) if status.isdigit() else 0
         resp.streaming = "text/event-stream" in headers.get("content-type", "") or self.request.stream
+        timed = self.timed
         for plugin, hist in self.rt.received:
-            tp = time.perf_counter()
+            tp = time.perf_counter() if timed else 0.0
             try:
                 plugin.response_received(self.request, resp, self.target)
             except Exception:
                 self.director._warn_once(plugin, "response_received")
-            hist.observe(time.perf_counter() - tp)
+            if timed:
+                hist.observe(time.perf_counter() - tp)
         added = dict(resp.added_headers)
         if self.debug_value is not None:
             added[DEBUG_RESPONSE_HEADER] = self.debug_value
@@ -407,10 +422,12 @@ class RequestContext:
                 _record_error(model, target, "ModelServerError")
         elif outcome == "error":
             _record_error(model, target, "ModelServerError")
+        timed = self.timed
         for plugin, hist in self.rt.complete:
-            tp = time.perf_counter()
+            tp = time.perf_counter() if timed else 0.0
             try:
                 plugin.response_complete(req, resp, self.target)
             except Exception:
                 director._warn_once(plugin, "response_complete")
-            hist.observe(time.perf_counter() - tp)
+            if timed:
+                hist.observe(time.perf_counter() - tp)

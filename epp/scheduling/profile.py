@@ -1,8 +1,8 @@
 """A scheduling profile: filters, weighted scorers and one picker, run over candidates.
 
 The run is on every request's path, so it is written for large pools: scores are clamped
-with an inline range check (the general ``clamp01`` only for out-of-range or odd values),
-weighted totals are built list-at-a-time, and the per-candidate explanation
+with C-level min/max/sum checks (the general ``clamp01`` only for out-of-range or odd
+values), weighted totals are built in one pass, and the per-candidate explanation
 (``ProfileResult.breakdown``) is only assembled if someone reads it.
 
 Per-plugin durations (``inference_extension_plugin_duration_seconds``) are recorded for
@@ -58,6 +58,32 @@ def clamp_scores(scores: Sequence[Any], n: int) -> list[float]:
         return [x if 0.0 <= x <= 1.0 else clamp01(x) for x in scores]
     except TypeError:  # a non-numeric score: let clamp01 sort each one out
         return [clamp01(x) for x in scores]
+
+
+def weighted_totals(per_scorer: list[tuple[str, float, list[float]]], n: int) -> list[float]:
+    """Sum of score x weight per candidate, in one pass for the usual profile sizes (one list
+    comprehension over zipped score lists is about twice as fast as one pass per scorer)."""
+    k = len(per_scorer)
+    if k == 0:
+        return [0.0] * n
+    w = [p[1] for p in per_scorer]
+    s = [p[2] for p in per_scorer]
+    if k == 1:
+        w0 = w[0]
+        return [a * w0 for a in s[0]]
+    if k == 2:
+        w0, w1 = w
+        return [a * w0 + b * w1 for a, b in zip(*s)]
+    if k == 3:
+        w0, w1, w2 = w
+        return [a * w0 + b * w1 + c * w2 for a, b, c in zip(*s)]
+    if k == 4:
+        w0, w1, w2, w3 = w
+        return [a * w0 + b * w1 + c * w2 + d * w3 for a, b, c, d in zip(*s)]
+    totals = [a * w[0] for a in s[0]]
+    for wi, si in zip(w[1:], s[1:]):
+        totals = [t + x * wi for t, x in zip(totals, si)]
+    return totals
 
 
 class Breakdown(Sequence[ScoreBreakdown]):
@@ -154,7 +180,6 @@ class SchedulingProfile:
                 raise NoCandidatesError(f"no endpoints available for the given request (filter '{f.name}' removed all)")
 
         n = len(candidates)
-        totals = [0.0] * n
         per_scorer: list[tuple[str, float, list[float]]] = []
         for ws in self.scorers:
             scorer = ws.scorer
@@ -162,14 +187,8 @@ class SchedulingProfile:
             scores = clamp_scores(scorer.score(cycle, request, candidates), n)
             if timed:
                 self._timer.observe("Scorer", scorer, clock() - t0)
-            w = ws.weight
-            if not per_scorer:  # first scorer: nothing to add to yet
-                totals = list(scores) if w == 1.0 else [s * w for s in scores]
-            elif w == 1.0:
-                totals = [t + s for t, s in zip(totals, scores)]
-            elif w:
-                totals = [t + s * w for t, s in zip(totals, scores)]
-            per_scorer.append((scorer.name, w, scores))
+            per_scorer.append((scorer.name, ws.weight, scores))
+        totals = weighted_totals(per_scorer, n)
 
         picker = self.picker
         if picker is None:

@@ -117,3 +117,5 @@ def test_weighted_sum_is_monotone_in_each_weight(data, n, k) -> None:
         assert b2.total >= b1.total - 1e-9 * max(1.0, b1.total)
         for name, (raw_score, weighted) in b1.scorers.items():
             assert 0.0 <= raw_score <= 1.0
+        assert b1.total == pytest.approx(sum(w for _, w in b1.scorers.values()))
+        assert b2.total == pytest.approx(sum(w for _, w in b2.scorers.values()))

@@ -13,7 +13,9 @@ broken one is reported by name and does not stop the others.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
+import inspect
 import sys
 import time
 import traceback
@@ -108,6 +110,8 @@ def run_one(name: str, args: argparse.Namespace) -> tuple[str, str]:
     started = time.perf_counter()
     try:
         result = func(out_dir, **kwargs)
+        if inspect.isawaitable(result):  # async entry points (e.g. run_collector_bench)
+            result = asyncio.run(result)
     except KeyboardInterrupt:
         raise
     except Exception:  # noqa: BLE001 - report it and go on with the other benchmarks

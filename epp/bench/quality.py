@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -154,9 +155,13 @@ SIM_COUNTERS = {
 
 
 def scrape_sim_counters(url: str, timeout: float = 5.0) -> dict[str, float]:
-    """The few counters the report needs from one sim's /metrics, summed over label sets."""
+    """The few counters the report needs from one sim's /metrics (blocking; not on the sim's loop)."""
     with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as resp:  # noqa: S310
-        text = resp.read().decode()
+        return parse_sim_counters(resp.read().decode())
+
+
+def parse_sim_counters(text: str) -> dict[str, float]:
+    """Sum the SIM_COUNTERS samples of a Prometheus text page over their label sets."""
     out = dict.fromkeys(SIM_COUNTERS.values(), 0.0)
     for line in text.splitlines():
         if not line or line[0] == "#":
@@ -194,6 +199,8 @@ def run_one(policy: Policy, planned: PlannedWorkload, settings: QualitySettings,
         per_server = {u: scrape_sim_counters(u) for u in fleet.urls}
     summary = summarize(results, settings.time_scale, per_server, wall)
     summary["cpu_cores"] = {k: round(v, 3) for k, v in cpu.items()}
+    # Other work on the machine skews latencies; record how busy it was.
+    summary["load_average_1m"] = round(os.getloadavg()[0], 2)
     return RunOutcome(policy.name, wl.name, summary, results)
 
 

@@ -140,6 +140,7 @@ def machine_info() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "envoy": _envoy_version(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "commit": _git_commit(),
     }
 
@@ -147,7 +148,7 @@ def machine_info() -> dict[str, Any]:
 def machine_markdown(m: Mapping[str, Any]) -> str:
     return (f"Machine: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, {m.get('memory_gb')} GB RAM, "
             f"{m.get('os')}, Python {m.get('python')}, Envoy {m.get('envoy')}; commit {m.get('commit') or '?'}, "
-            f"{m.get('date')}.")
+            f"{m.get('date')}; 1-minute load average at the start: {m.get('load_average_1m')}.")
 
 
 # -- plots -------------------------------------------------------------------------------------

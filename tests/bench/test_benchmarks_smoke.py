@@ -1,0 +1,56 @@
+"""Every benchmark that exists runs end to end through `epp bench <x> --smoke` (seconds, tiny parameters).
+
+These keep the harness working; they assert that the files are written and the runs
+succeeded, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(out: Path, name: str) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "epp", "bench", name, "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"epp bench {name} --smoke failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert f"== {name}: ok" in r.stdout
+    return r
+
+
+def test_quality_smoke(tmp_path: Path) -> None:
+    bench(tmp_path, "quality")
+    out = tmp_path / "quality"
+    result = json.loads((out / "result.json").read_text())
+    assert result["smoke"] is True and set(result["workloads"]) == {"shared-prefix", "mixed-lengths", "lora"}
+    for name, entry in result["workloads"].items():
+        assert set(entry["runs"]) == {"envoy-round-robin", "epp-seed"}, name
+        for policy, run in entry["runs"].items():
+            assert "failed" not in run, f"{name}/{policy}: {run.get('failed')}"
+            assert run["requests"] > 0 and run["ok"] == run["requests"], (name, policy, run["error_samples"])
+            assert run["ttft_p50"] <= run["ttft_p90"] <= run["ttft_p99"]
+            assert len(run["ttft_samples"]) == run["ok"]
+            assert sum(run["served_per_server"]) == run["requests"]  # the sims saw every request
+            assert run["cpu_cores"]["sim"] >= 0
+        raw = json.loads((out / "raw" / name / "epp-seed.json").read_text())
+        assert len(raw) == entry["workload"]["requests"]
+    assert result["workloads"]["lora"]["runs"]["envoy-round-robin"]["lora_loads"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "### shared-prefix" in summary and "| epp-seed |" in summary and "### Targets" in summary
+    for png in ("quality_ttft_bars.png", "quality_prefix_hits.png", "quality_ttft_cdf_mixed-lengths.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_scheduler_smoke(tmp_path: Path) -> None:
+    bench(tmp_path, "scheduler")
+    assert json.loads((tmp_path / "scheduler" / "scheduler.json").read_text())["meta"]["smoke"] is True
+
+
+def test_overhead_smoke(tmp_path: Path) -> None:
+    bench(tmp_path, "overhead")
+    assert any((tmp_path / "overhead").glob("*.json"))
+    assert any((tmp_path / "overhead").glob("*.md"))

@@ -111,15 +111,21 @@ def _streamed_request_chunk(data: bytes, eos: bool) -> bytes:
     return streamed_chunk_bytes(data, eos, response=False)
 
 
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
+def _varint_slow(n: int) -> bytes:
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+# Lengths below 16 KiB (every nested length of a token-sized chunk) come from a table.
+_VARINTS = [bytes((i,)) if i < 0x80 else bytes(((i & 0x7F) | 0x80, i >> 7)) for i in range(1 << 14)]
+
+
+def _varint(n: int) -> bytes:
+    return _VARINTS[n] if n < 16384 else _varint_slow(n)
 
 
 # Wire-format tags: (field number << 3) | 2 (length-delimited).

@@ -195,3 +195,27 @@ def test_envoy_templates_validate(backends):
                                        fallback_endpoints=backends.addresses, epp_tls=tls)
             ok, out = validate(text)
             assert ok, f"{name} (tls={tls}): {out}"
+
+
+def _running(epp, model: str = "m-disconnect") -> float:
+    for line in epp.metrics_text().splitlines():
+        if line.startswith(f'inference_objective_running_requests{{model_name="{model}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+async def test_client_disconnect_mid_stream_returns_in_flight_to_zero(envoys, epp, backends, config):
+    payload = json.dumps({"model": "m-disconnect", "prompt": "hi", "stream": True, "max_tokens": 40,
+                          "delay": 0.1}).encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(envoys[config].url + "/v1/completions", data=payload,
+                                headers={"content-type": "application/json", SELECT: backends.addresses[0]}) as r:
+            assert r.status == 200
+            await r.content.readline()  # the first event arrived: the request is in flight
+            assert _running(epp) == 1.0
+        # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _running(epp) != 0.0:
+        await asyncio.sleep(0.1)
+    assert _running(epp) == 0.0

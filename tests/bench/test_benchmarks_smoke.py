@@ -54,3 +54,9 @@ def test_overhead_smoke(tmp_path: Path) -> None:
     bench(tmp_path, "overhead")
     assert any((tmp_path / "overhead").glob("*.json"))
     assert any((tmp_path / "overhead").glob("*.md"))
+
+
+def test_collector_smoke(tmp_path: Path) -> None:
+    # An async entry point: the CLI must await it.
+    bench(tmp_path, "collector")
+    assert json.loads((tmp_path / "collector" / "result.json").read_text())["benchmark"] == "collector"

@@ -93,9 +93,12 @@ def _make_discovery(options: ServeOptions, config: LoadedConfig) -> Any:
 def _make_collector(options: ServeOptions, pool: EndpointPool, config: LoadedConfig) -> Any:
     if not config.sources:
         return None
-    from epp.datalayer.collector import Collector
+    from epp.datalayer.process import make_collector
 
-    return Collector(pool, config.sources, interval=options.refresh_metrics_interval)
+    # --collector-mode: "process" (the data layer's default: scraping off the serving loop)
+    # or "inprocess".
+    mode = getattr(options, "collector_mode", None) or "process"
+    return make_collector(mode, pool, config.sources, interval=options.refresh_metrics_interval)
 
 
 def _log_discovery_end(task: asyncio.Task) -> None:

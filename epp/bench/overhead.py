@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -36,6 +38,7 @@ CONFIGS = (("direct", "envoy-direct.yaml"), ("duplex", "envoy.yaml"), ("buffered
 class RunResult:
     config: str
     mode: str  # closed-cN | rate-R
+    core: str  # the EPP's ext_proc server core ("-" for direct)
     requests: int
     errors: int
     seconds: float
@@ -146,7 +149,23 @@ def _load(url: str, seconds: float, concurrency: int, rate: float | None) -> tup
 
 
 # --- the benchmark --------------------------------------------------------------------------------
-def run_overhead_bench(out_dir: Path, *, smoke: bool = False) -> dict[str, Any]:
+@contextlib.contextmanager
+def _core_env(core: str):
+    """Children inherit the environment: select the EPP's server core for the next start."""
+    old = os.environ.get("EPP_EXTPROC_CORE")
+    os.environ["EPP_EXTPROC_CORE"] = core
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("EPP_EXTPROC_CORE", None)
+        else:
+            os.environ["EPP_EXTPROC_CORE"] = old
+
+
+def run_overhead_bench(out_dir: Path, *, smoke: bool = False, cores: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``cores``: which ext_proc server cores to measure (default: ``fast``, plus ``grpcio`` for
+    comparison unless ``smoke``)."""
     from epp.bench.report import machine_info, markdown_table, write_json
     from epp.bench.stacks import start_envoy_template, start_epp
 
@@ -155,38 +174,50 @@ def run_overhead_bench(out_dir: Path, *, smoke: bool = False) -> dict[str, Any]:
     seconds = 2.0 if smoke else 10.0
     rate = 200.0 if smoke else 500.0
     closed_c = 16
+    cores = cores or (("fast",) if smoke else ("fast", "grpcio"))
     results: list[RunResult] = []
     with ProcessGroup(out_dir / "logs") as group:
         port = free_port()
         backend = group.start("backend", [sys.executable, "-m", "epp.bench.overhead", "--backend", str(port)])
         group.wait_for_log(backend, r"overhead backend ready", timeout=30)
         address = f"127.0.0.1:{port}"
-        epp = start_epp(group, [address])
-        envoys = {name: start_envoy_template(group, template, backends=[address],
-                                             epp_port=None if name == "direct" else epp.grpc_port, name=f"envoy-{name}")
-                  for name, template in CONFIGS}
-        # Warm up every path (connections, JIT-free but caches and the EPP's gRPC connection).
-        for envoy in envoys.values():
-            _load(envoy.url + "/v1/completions", 1.0, 4, None)
+        direct = start_envoy_template(group, "envoy-direct.yaml", backends=[address], name="envoy-direct")
+        stacks = []
+        for core in cores:
+            with _core_env(core):
+                epp = start_epp(group, [address], name=f"epp-{core}")
+            envoys = {name: start_envoy_template(group, template, backends=[address], epp_port=epp.grpc_port,
+                                                 name=f"envoy-{name}-{core}")
+                      for name, template in CONFIGS if name != "direct"}
+            stacks.append((core, epp, envoys))
+        # Warm up every path (connections, caches, the EPP's gRPC connection).
+        for url in [direct.url] + [e.url for _, _, envoys in stacks for e in envoys.values()]:
+            _load(url + "/v1/completions", 1.0, 4, None)
         idle_window = 2.0
-        c0 = epp.process.cpu_seconds()
-        time.sleep(idle_window)
-        idle_rate = (epp.process.cpu_seconds() - c0) / idle_window  # background: the collector's scrapes
+        idle: dict[str, float] = {}
+        for core, epp, _ in stacks:
+            c0 = epp.process.cpu_seconds()
+            time.sleep(idle_window)
+            idle[core] = (epp.process.cpu_seconds() - c0) / idle_window  # background: the collector
 
         for mode, conc, r in ((f"closed-c{closed_c}", closed_c, None), (f"rate-{rate:g}", 8, rate)):
-            for name, _template in CONFIGS:
-                url = envoys[name].url + "/v1/completions"
-                c0, t0 = epp.process.cpu_seconds(), time.perf_counter()
-                ok, errors, rps, p50, p99, tool = _load(url, seconds, conc, r)
-                elapsed = time.perf_counter() - t0
-                cpu = epp.process.cpu_seconds() - c0 - idle_rate * elapsed
-                res = RunResult(name, mode, ok, errors, round(elapsed, 2), round(rps, 1), round(p50, 3), round(p99, 3),
-                                None if name == "direct" or not ok else round(max(0.0, cpu) / ok * 1e6, 1), tool=tool)
-                results.append(res)
+            ok, errors, rps, p50, p99, tool = _load(direct.url + "/v1/completions", seconds, conc, r)
+            results.append(RunResult("direct", mode, "-", ok, errors, seconds, round(rps, 1), round(p50, 3),
+                                     round(p99, 3), tool=tool))
+            for core, epp, envoys in stacks:
+                for name, envoy in envoys.items():
+                    c0, t0 = epp.process.cpu_seconds(), time.perf_counter()
+                    ok, errors, rps, p50, p99, tool = _load(envoy.url + "/v1/completions", seconds, conc, r)
+                    elapsed = time.perf_counter() - t0
+                    cpu = epp.process.cpu_seconds() - c0 - idle[core] * elapsed
+                    results.append(RunResult(name, mode, core, ok, errors, round(elapsed, 2), round(rps, 1),
+                                             round(p50, 3), round(p99, 3),
+                                             round(max(0.0, cpu) / ok * 1e6, 1) if ok else None, tool=tool))
         for res in results:
-            direct = next(x for x in results if x.mode == res.mode and x.config == "direct")
+            base = next(x for x in results if x.mode == res.mode and x.config == "direct")
             if res.config != "direct":
-                res.added_p99_ms = round(res.p99_ms - direct.p99_ms, 3)
+                res.added_p99_ms = round(res.p99_ms - base.p99_ms, 3)
+        idle_rate = max(idle.values())
 
     data = {
         "benchmark": "overhead",
@@ -195,18 +226,23 @@ def run_overhead_bench(out_dir: Path, *, smoke: bool = False) -> dict[str, Any]:
         "fixed_rate": rate,
         "closed_loop_concurrency": closed_c,
         "epp_idle_cpu_fraction": round(idle_rate, 4),
+        "cores": list(cores),
+        "load_average_at_end": os.getloadavg()[0],
         "machine": machine_info(),
         "results": [asdict(r) for r in results],
         "targets": {"duplex_epp_cpu_us_per_req": 250, "added_p99_ms_at_500rps": 2.0},
     }
     write_json(out_dir / "overhead.json", data)
-    rows = [(r.config, r.mode, r.rps, r.p50_ms, r.p99_ms, "-" if r.added_p99_ms is None else r.added_p99_ms,
+    rows = [(r.config, r.core, r.mode, r.rps, r.p50_ms, r.p99_ms, "-" if r.added_p99_ms is None else r.added_p99_ms,
              "-" if r.epp_cpu_us_per_req is None else r.epp_cpu_us_per_req, r.errors, r.tool) for r in results]
     md = ["# EPP overhead through Envoy", "",
           f"Trivial backend; {seconds:g}s per run; closed loop at concurrency {closed_c}, open loop at {rate:g} req/s. "
           f"EPP CPU is user+system time of the EPP process per request, minus its idle rate "
-          f"({idle_rate * 100:.1f}% of a core: the collector scraping the backend).", "",
-          markdown_table(["config", "mode", "req/s", "p50 ms", "p99 ms", "added p99 ms", "EPP CPU us/req", "errors",
+          f"(up to {idle_rate * 100:.1f}% of a core: the collector scraping the backend). Cores: `fast` is our "
+          f"HTTP/2 server (default), `grpcio` grpcio's asyncio server (EPP_EXTPROC_CORE=grpcio). "
+          f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work on the "
+          f"machine inflates latencies).", "",
+          markdown_table(["config", "core", "mode", "req/s", "p50 ms", "p99 ms", "added p99 ms", "EPP CPU us/req", "errors",
                           "tool"], rows), ""]
     (out_dir / "overhead.md").write_text("\n".join(md))
     return data
@@ -217,11 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", type=int, metavar="PORT", help="run the trivial backend on PORT")
     ap.add_argument("--out", default="bench-out/overhead")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--cores", default="", help="comma-separated: fast,grpcio")
     args = ap.parse_args(argv)
     if args.backend:
         _backend_main(args.backend)
         return 0
-    data = run_overhead_bench(Path(args.out), smoke=args.smoke)
+    cores = tuple(c for c in args.cores.split(",") if c) or None
+    data = run_overhead_bench(Path(args.out), smoke=args.smoke, cores=cores)
     print((Path(args.out) / "overhead.md").read_text())
     return 0 if data["results"] else 1
 

@@ -101,6 +101,11 @@ def expand_wanted(names: Iterable[str]) -> frozenset[str]:
     The stem's ``# TYPE`` decides whether ``x_count`` is a series of histogram ``x`` or a
     family of its own, so both must be read.
     """
+    return _expand(names if isinstance(names, frozenset) else frozenset(names))
+
+
+@lru_cache(maxsize=64)
+def _expand(names: frozenset[str]) -> frozenset[str]:
     out = set()
     for n in names:
         out.add(n)

@@ -60,7 +60,7 @@ HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
 HEALTH_LIST = b"/grpc.health.v1.Health/List"
 HEALTH_WATCH = b"/grpc.health.v1.Health/Watch"
 
-GRPC_OK, GRPC_INTERNAL, GRPC_UNIMPLEMENTED, GRPC_INVALID_ARGUMENT = 0, 13, 12, 3
+GRPC_OK, GRPC_INVALID_ARGUMENT, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED, GRPC_INTERNAL = 0, 3, 8, 12, 13
 
 _HDR = struct.Struct(">BHBBI")  # 24-bit length as (high byte, low 16 bits), type, flags, stream id
 
@@ -145,6 +145,11 @@ class _Stream:
                         self.finish(GRPC_UNIMPLEMENTED, "compressed messages are not supported")
                         break
                     n = int.from_bytes(buf[1:5], "big")
+                    if n > self.conn.server.max_message:
+                        buf.clear()
+                        self.finish(GRPC_RESOURCE_EXHAUSTED, f"message of {n} bytes is larger than the "
+                                                             f"maximum {self.conn.server.max_message}")
+                        break
                     if len(buf) < 5 + n:
                         break
                     msg = bytes(buf[5:5 + n])
@@ -558,8 +563,9 @@ class FastExtProcServer:
     """The ext_proc port: ``Process`` + health, plaintext or TLS."""
 
     def __init__(self, service: ExtProcService, health: HealthService, *, secure: bool = False,
-                 cert_path: str | None = None) -> None:
+                 cert_path: str | None = None, max_message: int = 17 << 20) -> None:
         self.service = service
+        self.max_message = max_message  # largest gRPC message accepted (BUFFERED sends the body whole)
         self.health = health
         self.connections: set[_Connection] = set()
         self.reloader: CertificateReloader | None = None

@@ -98,7 +98,8 @@ async def start_grpc_servers(service: ExtProcService, health: HealthService, *, 
                                      cert_path=cert_path, max_body_bytes=max_body_bytes)
         await servers.start()
         return servers
-    fast = FastExtProcServer(service, health, secure=secure, cert_path=cert_path)
+    fast = FastExtProcServer(service, health, secure=secure, cert_path=cert_path,
+                             max_message=max_body_bytes + MESSAGE_MARGIN)
     try:
         bound = await fast.bind(host, port)
     except OSError as e:

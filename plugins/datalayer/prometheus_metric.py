@@ -28,7 +28,10 @@ class PrometheusMetricParams:
     label: str = ""
 
     def validate(self) -> None:
-        MetricSelector.parse(self.metricName)  # ValueError names the problem
+        try:
+            MetricSelector.parse(self.metricName)
+        except ValueError as e:
+            raise ValueError(f"'metricName': {e}") from None
 
 
 @register("prometheus-metric")

@@ -4,8 +4,9 @@ The loop plays the GPU: it asks the scheduler for the next step, sleeps for
 the step's cost (scaled by ``time_scale / speed``, with a little jitter) and
 applies it. Sleeping on a busy event loop overshoots, so steps are laid on a
 virtual clock: a step starts when the previous one *should* have ended, which
-keeps throughput right on a loaded machine; after idling or a long stall the
-clock restarts from now instead of bursting to catch up.
+keeps throughput and latencies right on a loaded machine (a lag of up to 50 ms
+is caught up by running steps back to back); after idling or a longer stall
+the clock restarts from now.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from epp.sim.scheduler import Scheduler, SimRequest
 from epp.sim.tokenizer import block_hashes
 
 log = logging.getLogger(__name__)
+
+# How far (wall seconds) the engine may fall behind its virtual clock and still
+# catch up by running steps back to back. Beyond that it restarts from now: a
+# long stall is lost time rather than a burst of tokens.
+_MAX_CATCH_UP = 0.05
 
 
 class Engine:
@@ -162,7 +168,10 @@ class Engine:
             dt = step.cost * factor
             if jitter:
                 dt *= min(hi, max(lo, gauss(1.0, jitter)))
-            start = clock if now - clock < dt else now
+            # If we are behind the virtual clock (sleep overshoot, the process
+            # was descheduled), the step still starts at its due time, so it is
+            # shortened until we catch up; a lag beyond the bound is dropped.
+            start = clock if now - clock < max(dt, _MAX_CATCH_UP) else now
             clock = start + dt
             delay = clock - now
             # Always yield, so HTTP handlers run even when we are behind.

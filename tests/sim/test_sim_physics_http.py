@@ -34,43 +34,45 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
 
 
 async def test_time_scale_scales_latencies_proportionally(make_fleet) -> None:
-    fast = await make_fleet(1, time_scale=0.1, jitter=0.0)
-    slow = await make_fleet(1, time_scale=0.3, jitter=0.0)
+    fast = await make_fleet(1, time_scale=0.2, jitter=0.0)
+    slow = await make_fleet(1, time_scale=0.6, jitter=0.0)
     async with aiohttp.ClientSession() as s:
         t_fast = [await stream(s, fast.urls[0], doc(i, 1000), 20) for i in range(3)]
         t_slow = [await stream(s, slow.urls[0], doc(i, 1000), 20) for i in range(3)]
-    e2e_fast = statistics.median(t.times[-1] for t in t_fast)
-    e2e_slow = statistics.median(t.times[-1] for t in t_slow)
-    ttft_fast = statistics.median(t.ttft for t in t_fast)
-    ttft_slow = statistics.median(t.ttft for t in t_slow)
-    # Model time: TTFT 210 ms, e2e ~408 ms. Expected ratio 3; HTTP overhead pulls it down a little.
-    assert 2.0 < e2e_slow / e2e_fast < 4.0
-    assert 1.8 < ttft_slow / ttft_fast < 4.0
+    # The fastest of three runs is the one least disturbed by machine load.
+    e2e = min(t.times[-1] for t in t_slow) / min(t.times[-1] for t in t_fast)
+    ttft = min(t.ttft for t in t_slow) / min(t.ttft for t in t_fast)
+    # Model time: TTFT 210 ms, e2e ~408 ms; expected ratio 3, HTTP overhead pulls it down a little.
+    assert 2.0 < e2e < 4.0, e2e
+    assert 1.8 < ttft < 4.0, ttft
 
 
 async def test_slower_server_in_a_heterogeneous_fleet(make_fleet) -> None:
-    fleet = await make_fleet(2, speeds=[1.0, 0.5], jitter=0.0)
+    fleet = await make_fleet(2, speeds=[1.0, 0.5], jitter=0.0, time_scale=0.3)
     async with aiohttp.ClientSession() as s:
-        normal = await stream(s, fleet.urls[0], doc(1, 500), 30)
-        half = await stream(s, fleet.urls[1], doc(1, 500), 30)
-    assert half.times[-1] > 1.5 * normal.times[-1]
+        normal = min([(await stream(s, fleet.urls[0], doc(i, 500), 30)).times[-1] for i in range(3)])
+        half = min([(await stream(s, fleet.urls[1], doc(i, 500), 30)).times[-1] for i in range(3)])
+    # Expected ratio 2 (both ~124 ms vs ~248 ms at this time scale).
+    assert half > 1.5 * normal
 
 
 async def test_ttft_grows_with_queue_length(make_fleet) -> None:
     sim: SimFleet = await make_fleet(1, max_num_seqs=4)
     url = sim.urls[0]
     async with aiohttp.ClientSession() as s:
-        alone = await stream(s, url, doc(0, 200), 1)
-        # 12 long requests ahead: the probe waits for two rounds of 4 to finish.
-        background = [asyncio.create_task(stream(s, url, doc(i, 200), 60)) for i in range(1, 13)]
+        alone = min([(await stream(s, url, doc(i, 200), 1)).ttft for i in range(3)])
+        # 12 long requests ahead: the probe waits for three rounds of 4 to finish.
+        background = [asyncio.create_task(stream(s, url, doc(i, 200), 100)) for i in range(10, 22)]
         await asyncio.sleep(0.01)
         queued = await stream(s, url, doc(99, 200), 1)
         await asyncio.gather(*background)
-    assert queued.ttft > 4 * alone.ttft
+    # Model time: 50 ms alone vs ~3.5 s behind the queue.
+    assert queued.ttft > 4 * alone
 
 
 async def test_repeated_long_prompt_is_cached_and_faster(make_fleet) -> None:
-    sim: SimFleet = await make_fleet(1)
+    # Real time: the ~13 ms cached TTFT stays well above scheduling noise.
+    sim: SimFleet = await make_fleet(1, time_scale=1.0)
     prompt = doc(7, 2000)
     async with aiohttp.ClientSession() as s:
         first = await stream(s, sim.urls[0], prompt, 2)
@@ -104,15 +106,15 @@ async def test_inter_token_latency_grows_with_batch_size(make_fleet) -> None:
 
 async def test_non_resident_adapter_costs_a_load(make_fleet) -> None:
     # A 500 ms load (model time) so the difference dwarfs any scheduling noise.
-    sim: SimFleet = await make_fleet(1, lora_load_s=0.5, jitter=0.0)
+    sim: SimFleet = await make_fleet(1, lora_load_s=0.5, jitter=0.0, time_scale=0.3)
     url = sim.urls[0]
     async with aiohttp.ClientSession() as s:
         cold = await stream(s, url, doc(1, 64), 2, model="adapter-a")
         warm = await stream(s, url, doc(2, 64), 2, model="adapter-a")
         base = await stream(s, url, doc(3, 64), 2)
         metrics = await scrape(s, url)
-    # Model time: cold TTFT 73 ms, warm 23 ms (x time_scale 0.1).
-    assert cold.ttft - warm.ttft > 0.5 * 0.5 * 0.1
+    # Model time: cold TTFT 523 ms, warm 23 ms (x time_scale 0.3).
+    assert cold.ttft - warm.ttft > 0.5 * 0.5 * 0.3
     assert warm.ttft < 0.5 * cold.ttft
     assert base.ttft < 0.5 * cold.ttft
     assert metrics["sim:lora_adapter_loads_total"] == 1

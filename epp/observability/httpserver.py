@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.datalayer.endpoint import now
 from epp.datalayer.pool import EndpointPool
+from epp.observability import deferred
 from epp.observability.decisions import DecisionLog, decision_json
 from epp.observability.metrics import REGISTRY
 
@@ -48,6 +49,7 @@ def endpoint_rows(pool: EndpointPool) -> list[dict]:
 
 def build_app(state: DebugState) -> web.Application:
     async def metrics(_req: web.Request) -> web.Response:
+        deferred.flush()  # request-path histogram observations, binned in bulk
         body = generate_latest(REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

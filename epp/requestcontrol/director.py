@@ -28,6 +28,7 @@ from epp.datalayer.pool import EndpointPool, schedulable_endpoints
 from epp.framework.requestcontrol import ParseError, UsageReader
 from epp.framework.scheduling import CycleState, SchedulingResult
 from epp.framework.types import Candidate, InferenceRequest, InferenceResponse
+from epp.observability import deferred
 from epp.observability import metrics as m
 from epp.observability.decisions import Decision, DecisionLog, debug_header_value, wall_time
 from epp.requestcontrol import errors as E
@@ -217,7 +218,7 @@ class Director:
                 except Exception:
                     self._warn_once(plugin, "pre_request")
                 if timed:
-                    hist.observe(time.perf_counter() - tp)
+                    deferred.observe(hist, time.perf_counter() - tp)
         except E.RequestError as e:
             _record_error(model, target, e.code)
             raise
@@ -233,7 +234,7 @@ class Director:
         if self.options.enable_debug_headers and headers.get(DEBUG_REQUEST_HEADER) == "1":
             ctx.debug_value = debug_header_value(decision)
         _REQ_TOTAL(model, target, str(req.priority)).inc()
-        _REQ_SIZES(model, target).observe(len(body))
+        deferred.observe(_REQ_SIZES(model, target), len(body))
         _RUNNING(model).inc()
         self.in_flight += 1
         return ctx
@@ -346,7 +347,7 @@ class RequestContext:
             except Exception:
                 self.director._warn_once(plugin, "response_received")
             if timed:
-                hist.observe(time.perf_counter() - tp)
+                deferred.observe(hist, time.perf_counter() - tp)
         added = dict(resp.added_headers)
         if self.debug_value is not None:
             added[DEBUG_RESPONSE_HEADER] = self.debug_value
@@ -407,17 +408,18 @@ class RequestContext:
         _RUNNING(model).dec()
         if outcome == "complete":
             elapsed = time.perf_counter() - self.started
-            _REQ_DURATION(model, target).observe(elapsed)
-            _RESP_SIZES(model, target).observe(resp.bytes)
+            observe = deferred.observe
+            observe(_REQ_DURATION(model, target), elapsed)
+            observe(_RESP_SIZES(model, target), resp.bytes)
             usage = resp.usage
             if usage is not None:
                 if usage.prompt_tokens:
-                    _IN_TOKENS(model, target).observe(usage.prompt_tokens)
+                    observe(_IN_TOKENS(model, target), usage.prompt_tokens)
                 if usage.completion_tokens:
-                    _OUT_TOKENS(model, target).observe(usage.completion_tokens)
-                    _NTPOT(model, target).observe(elapsed / usage.completion_tokens)
+                    observe(_OUT_TOKENS(model, target), usage.completion_tokens)
+                    observe(_NTPOT(model, target), elapsed / usage.completion_tokens)
                 if usage.cached_tokens:
-                    _CACHED_TOKENS(model, target).observe(usage.cached_tokens)
+                    observe(_CACHED_TOKENS(model, target), usage.cached_tokens)
             if resp.status >= 400:
                 _record_error(model, target, "ModelServerError")
         elif outcome == "error":
@@ -430,4 +432,4 @@ class RequestContext:
             except Exception:
                 director._warn_once(plugin, "response_complete")
             if timed:
-                hist.observe(time.perf_counter() - tp)
+                deferred.observe(hist, time.perf_counter() - tp)

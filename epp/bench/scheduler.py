@@ -26,6 +26,7 @@ from epp.datalayer.endpoint import EndpointMetadata, now
 from epp.datalayer.pool import EndpointPool
 from epp.framework.scheduling import CycleState
 from epp.framework.types import Candidate
+from epp.observability import deferred
 from epp.scheduling.admission import LegacyAdmission
 from epp.scheduling.gctuning import restore_gc, tune_gc_for_serving
 from epp.scheduling.handle import SimpleHandle
@@ -162,7 +163,10 @@ def _measure(n: int, size_label: str, decisions: int, warmup: int, seed: int) ->
     picks: dict[str, int] = {}
     wall_clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     start = time.perf_counter()
+    deferred.flush()
     for i in range(decisions):
+        if i % 1000 == 999:
+            deferred.flush()  # the server's flusher runs every second; keep the backlog comparable
         body = bodies[rng.randrange(len(bodies))]
         c0 = cpu_clock()
         t0 = wall_clock()
@@ -172,6 +176,7 @@ def _measure(n: int, size_label: str, decisions: int, warmup: int, seed: int) ->
         times.append((t1 - t0) / 1e6)
         picks[key] = picks.get(key, 0) + 1
     wall = time.perf_counter() - start
+    deferred.flush()
     times.sort()
     cpu_times.sort()
     return {

@@ -29,6 +29,7 @@ from epp.framework.scheduling import (
     clamp01,
 )
 from epp.framework.types import Candidate, InferenceRequest
+from epp.observability import deferred
 from epp.observability.metrics import PLUGIN_DURATION
 
 DEFAULT_TIMING_EVERY = 16
@@ -143,7 +144,7 @@ class _Timer:
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = PLUGIN_DURATION.labels(point, plugin.plugin_type, plugin.name)
-        child.observe(seconds)
+        deferred.observe(child, seconds)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Each ``schedule`` call records ``inference_extension_scheduler_e2e_duration_seconds`` and
 ``inference_extension_scheduler_attempts_total`` (as upstream's scheduler does), so the
-director must not record them again.
+director must not record them again. Histogram observations go through
+``epp.observability.deferred`` (binned in bulk off the request path).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Mapping
 
 from epp.framework.scheduling import CycleState, ProfileHandler, ProfileResult, SchedulingResult
 from epp.framework.types import Candidate, InferenceRequest
+from epp.observability import deferred
 from epp.observability.metrics import SCHEDULER_ATTEMPTS, SCHEDULER_E2E
 from epp.scheduling.profile import NoCandidatesError, SchedulingProfile
 
@@ -38,10 +40,10 @@ class Scheduler:
         try:
             result = self._schedule(request, candidates, cycle)
         except SchedulingError:
-            SCHEDULER_E2E.observe(time.perf_counter() - start)
+            deferred.observe(SCHEDULER_E2E, time.perf_counter() - start)
             self._attempt("failure", request.target_model, None)
             raise
-        SCHEDULER_E2E.observe(time.perf_counter() - start)
+        deferred.observe(SCHEDULER_E2E, time.perf_counter() - start)
         targets = result.profile_results.get(result.primary_profile)
         self._attempt("success", request.target_model, targets.targets[0] if targets and targets.targets else None)
         return result

@@ -20,6 +20,7 @@ from epp.framework import DataProducer, PreRequest, register, registry
 from epp.framework.plugin import Handle
 from epp.framework.scheduling import CycleState, SchedulingResult
 from epp.framework.types import Candidate, InferenceRequest
+from epp.observability import deferred
 from epp.observability import metrics as m
 from plugins.requestcontrol.data import PREFIX_CACHE_MATCH_INFO_KEY, PrefixCacheMatchInfo, PrefixRequestState
 from plugins.requestcontrol.prefix_index import PrefixIndex
@@ -149,8 +150,8 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
                 c.data[key] = zero
         state.max_match = best
         if total:
-            m.PREFIX_INDEXER_HIT_RATIO.observe(best / total)
-            m.PREFIX_INDEXER_HIT_BYTES.observe(best * state.block_size_chars)
+            deferred.observe(m.PREFIX_INDEXER_HIT_RATIO, best / total)
+            deferred.observe(m.PREFIX_INDEXER_HIT_BYTES, best * state.block_size_chars)
 
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
         targets = []

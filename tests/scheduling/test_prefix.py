@@ -13,6 +13,7 @@ from epp.datalayer.endpoint import EndpointMetadata
 from epp.datalayer.pool import EndpointPool
 from epp.framework import ParameterError
 from epp.framework.scheduling import ProfileResult, SchedulingResult
+from epp.observability import deferred
 from epp.observability.metrics import REGISTRY
 from epp.scheduling.handle import SimpleHandle
 from plugins.requestcontrol.data import PREFIX_CACHE_MATCH_INFO_KEY
@@ -151,9 +152,11 @@ async def test_removed_endpoints_are_purged() -> None:
 
 
 def test_hit_metrics_are_observed() -> None:
+    deferred.flush()
     before = REGISTRY.get_sample_value("inference_extension_prefix_indexer_hit_ratio_count") or 0
     p = producer()
     produce(p, request(prefix=text(3, seed=18)), cands(2))
+    deferred.flush()
     assert REGISTRY.get_sample_value("inference_extension_prefix_indexer_hit_ratio_count") == before + 1
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from sched_helpers import cands, cycle, make, request
 
 from epp.framework import Filter, Scorer
+from epp.observability import deferred
 from epp.observability.metrics import REGISTRY
 from epp.scheduling import NoCandidatesError, Scheduler, SchedulingError, SchedulingProfile, WeightedScorer
 from epp.scheduling.profile import clamp_scores
@@ -77,11 +78,13 @@ def test_scheduler_records_e2e_and_attempts() -> None:
         return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
     s = Scheduler(make("single-profile-handler"), {"p": profile([(make("queue-scorer"), 1.0)])})
+    deferred.flush()
     before = value("inference_extension_scheduler_e2e_duration_seconds_count")
     labels = {"status": "success", "target_model_name": "metrics-model", "pod_name": "10.0.0.1:8000",
               "namespace": "default", "port": "8000"}
     ok_before = value("inference_extension_scheduler_attempts_total", labels)
     s.schedule(request(model="metrics-model"), cands(1))
+    deferred.flush()  # histograms are binned off the request path
     assert value("inference_extension_scheduler_e2e_duration_seconds_count") == before + 1
     assert value("inference_extension_scheduler_attempts_total", labels) == ok_before + 1
 
@@ -92,9 +95,11 @@ def test_plugin_durations_are_sampled() -> None:
     labels = {"extension_point": "Scorer", "plugin_type": "queue-scorer", "plugin_name": "timed-queue"}
     for _ in range(8):
         p.run(cycle(), request(), cands(2))
+    deferred.flush()
     assert REGISTRY.get_sample_value("inference_extension_plugin_duration_seconds_count", labels) == 2
     off = profile([(make("queue-scorer", name="untimed"), 1.0)], timing_every=0)
     off.run(cycle(), request(), cands(2))
+    deferred.flush()
     assert REGISTRY.get_sample_value("inference_extension_plugin_duration_seconds_count",
                                      {**labels, "plugin_name": "untimed"}) is None
 

@@ -94,7 +94,8 @@ class Engine:
             model=model,
             lora=lora,
             prompt_len=len(prompt_ids),
-            block_hashes=block_hashes(prompt_ids, cfg.block_size, model),
+            # Aliases of the base model share KV; each adapter has its own.
+            block_hashes=block_hashes(prompt_ids, cfg.block_size, lora or cfg.served_name),
             max_tokens=max_tokens,
             target_len=target,
             arrival=asyncio.get_running_loop().time(),

@@ -14,9 +14,9 @@ from epp.sim import FORCE_ERROR_HEADER, SERVER_HEADER, SimFleet
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
-def client(url: str) -> openai.AsyncOpenAI:
+def client(url: str, timeout: float = 30) -> openai.AsyncOpenAI:
     # max_retries=0: the SDK would otherwise retry the injected 5xx errors.
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
 
 
 async def test_completion_non_streaming(fleet: SimFleet) -> None:
@@ -162,7 +162,7 @@ async def test_fail_rate_and_hang_rate(make_fleet) -> None:
     async with client(failing.urls[0]) as c:
         with pytest.raises(openai.InternalServerError):
             await c.completions.create(model=MODEL, prompt="x", max_tokens=1)
-    async with client(hanging.urls[0]).with_options(timeout=0.5) as c:
+    async with client(hanging.urls[0], timeout=0.5) as c:
         with pytest.raises(openai.APITimeoutError):
             await c.completions.create(model=MODEL, prompt="x", max_tokens=1)
     # Health stays up: failure injection only hits generation.

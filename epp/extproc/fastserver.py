@@ -102,10 +102,23 @@ def _trailers(status: int, message: str = "") -> bytes:
     return block
 
 
-def _table_state(table: Any) -> tuple:
-    """Changes whenever an HPACK block inserts, evicts or resizes (entries are new tuples)."""
-    entries = table.dynamic_entries
-    return (len(entries), id(entries[0]) if entries else 0, table.maxsize)
+class _CountingTable:
+    """Counts insertions into an hpack HeaderTable (evictions only follow an insertion or a
+    resize), so "the dynamic table did not change" is an exact test."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.inserts = 0
+        add = table.add
+
+        def counting_add(name: bytes, value: bytes) -> Any:
+            self.inserts += 1
+            return add(name, value)
+
+        table.add = counting_add
+
+    def state(self) -> tuple[int, int]:
+        return (self.inserts, self.table.maxsize)
 
 
 class _H2Error(Exception):
@@ -288,6 +301,7 @@ class _Connection(asyncio.Protocol):
         self.decoder = Decoder()
         self.hpack_cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self.hpack_state: tuple = ()
+        self.hpack_table = _CountingTable(self.decoder.header_table)
         self.streams: dict[int, _Stream] = {}
         self.last_sid = 0
         self.peer_initial_window = DEFAULT_WINDOW
@@ -428,10 +442,9 @@ class _Connection(asyncio.Protocol):
         Envoy sends the same bytes for every ext_proc stream's headers once its dynamic
         table holds them (indexed fields plus a Huffman-coded literal :path that is never
         indexed); decoding that in Python costs more than the rest of a request. A cached
-        result is valid while the table does not change (``_table_state``).
+        result is valid while the table does not change (insertions are counted).
         """
-        table = self.decoder.header_table
-        state = _table_state(table)
+        state = self.hpack_table.state()
         if state != self.hpack_state:
             self.hpack_cache.clear()
             self.hpack_state = state
@@ -442,8 +455,7 @@ class _Connection(asyncio.Protocol):
             headers = self.decoder.decode(block, raw=True)
         except HPACKError as e:
             raise _H2Error(COMPRESSION_ERROR, f"bad header block: {e}") from None
-        after = _table_state(table)
-        if after == state and len(self.hpack_cache) < 64:
+        if self.hpack_table.state() == state and len(self.hpack_cache) < 64:
             self.hpack_cache[block] = headers
         return headers
 

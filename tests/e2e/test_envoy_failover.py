@@ -51,9 +51,10 @@ def test_epp_down_then_restarted(epp_launcher, envoy_launcher, backends):
         assert doc["recv_destination"] is None  # no pick was made: this is the fallback route
         served.add(doc["served_by"])
     assert len(served) >= 2  # round-robin over the backends
-    # Duplex config: no fail-open in Envoy for FULL_DUPLEX_STREAMED; the request fails closed.
+    # Duplex config: no fail-open in Envoy for FULL_DUPLEX_STREAMED; the request fails closed,
+    # with the 503 of status_on_error rather than a bare 500.
     status, raw = call(duplex.url)
-    assert status == 500
+    assert status == 503
 
     epp.restart()
     deadline = time.monotonic() + 15

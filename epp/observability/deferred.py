@@ -14,11 +14,15 @@ from bisect import bisect_left
 from typing import Any
 
 _pending: list[tuple[Any, float]] = []
+# Without a flusher (an embedder using the Director alone) the list still stays bounded.
+MAX_PENDING = 20_000
 
 
 def observe(child: Any, value: float) -> None:
     """Record ``value`` into a labelled histogram child (cheap; see ``flush``)."""
     _pending.append((child, value))
+    if len(_pending) >= MAX_PENDING:
+        flush()
 
 
 def flush() -> None:

@@ -26,7 +26,15 @@ from epp import __version__
 from epp.config.errors import ConfigError
 from epp.config.quantity import parse_quantity
 from epp.framework.durations import parse_duration
-from epp.options import LOG_FORMATS, RESPONSE_BODY_POLICIES, OptionsError, ServeOptions, default_namespace
+from epp.options import (
+    COLLECTOR_MODES,
+    EXTPROC_CORES,
+    LOG_FORMATS,
+    RESPONSE_BODY_POLICIES,
+    OptionsError,
+    ServeOptions,
+    default_namespace,
+)
 
 DELEGATED = {
     "sim": "run simulated vLLM model servers (mock engines with batching, KV cache and queues)",
@@ -176,6 +184,14 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--response-body-policy", choices=RESPONSE_BODY_POLICIES, default=d.response_body_policy,
                    help="which response bodies the EPP reads: always (usage for every answer), non-streaming "
                         "(streamed answers skip the EPP: no token usage for them), never (default %(default)s)")
+
+    g = p.add_argument_group("runtime structure")
+    g.add_argument("--extproc-core", choices=EXTPROC_CORES, default=None,
+                   help="ext_proc server core: fast (our HTTP/2 gRPC core, ~4x less CPU per request) or grpcio "
+                        "(grpc.aio); default $EPP_EXTPROC_CORE, else fast")
+    g.add_argument("--collector-mode", choices=COLLECTOR_MODES, default=None,
+                   help="where metrics are scraped and parsed: process (a child process, keeps the serving loop "
+                        "free) or inprocess (same event loop); default process")
 
     g = p.add_argument_group("logging")
     g.add_argument("-v", "--v", dest="verbosity", type=int, default=d.verbosity, metavar="N",

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 ResponseBodyPolicy = Literal["always", "non-streaming", "never"]
 RESPONSE_BODY_POLICIES: tuple[str, ...] = ("always", "non-streaming", "never")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
+EXTPROC_CORES: tuple[str, ...] = ("fast", "grpcio")
+COLLECTOR_MODES: tuple[str, ...] = ("process", "inprocess")
 
 
 class OptionsError(ValueError):
@@ -64,6 +66,10 @@ class ServeOptions:
     request_timeout: float = 300.0  # per-request deadline in seconds; 0 = none
     response_body_policy: ResponseBodyPolicy = "always"  # which response bodies the EPP reads
 
+    # runtime structure (measured choices; see epp/extproc/README.md and epp/datalayer/README)
+    extproc_core: str | None = None  # "fast" (our HTTP/2 core) | "grpcio" (grpc.aio); None = $EPP_EXTPROC_CORE or fast
+    collector_mode: str | None = None  # "process" (own process) | "inprocess" (same event loop); None = process
+
     # logging
     verbosity: int = 2  # upstream --v: 2 default, 3 verbose, 4 debug, 5 trace
     log_format: str = "text"
@@ -92,6 +98,10 @@ class ServeOptions:
             raise OptionsError("--request-timeout must not be negative (0 disables it)")
         if self.max_request_body_bytes <= 0:
             raise OptionsError("--max-request-body-bytes must be positive")
+        if self.extproc_core not in (None, *EXTPROC_CORES):
+            raise OptionsError(f"--extproc-core must be one of {', '.join(EXTPROC_CORES)}")
+        if self.collector_mode not in (None, *COLLECTOR_MODES):
+            raise OptionsError(f"--collector-mode must be one of {', '.join(COLLECTOR_MODES)}")
         if self.response_body_policy not in RESPONSE_BODY_POLICIES:
             raise OptionsError(f"--response-body-policy must be one of {', '.join(RESPONSE_BODY_POLICIES)}")
         if self.log_format not in LOG_FORMATS:

@@ -192,8 +192,13 @@ def run(args: argparse.Namespace) -> int:
                 started = list(group.processes)  # the group forgets them as it stops them
     except KeyboardInterrupt:
         console.print("\ninterrupted", markup=False)
+    except SystemExit as e:  # SIGTERM, turned into SystemExit by the process group
+        console.print(f"\nterminated (exit {e.code})", markup=False)
+        rc = e.code if isinstance(e.code, int) else 1
     except (ProcessFailed, EnvoyConfigError) as e:
         console.print(f"epp demo: error: {e}", markup=False, soft_wrap=True)
+        if args.log_dir is None:
+            console.print("(the logs go away with the demo; --log-dir DIR keeps them)", markup=False)
         rc = 1
     if started:
         console.print("stopped " + ", ".join(f"{p.name} (pid={p.pid}, exit {p.popen.returncode})" for p in started),

@@ -23,7 +23,7 @@ from rich.text import Text
 
 from epp.demo.explain import Why
 from epp.demo.summary import Summary
-from epp.demo.traffic import Outcome
+from epp.demo.traffic import PREFIX_HIT_TOKENS, Outcome
 
 _RECENT = 10
 _PLAIN_WIDTH = 160
@@ -129,7 +129,7 @@ class LiveView:
                 reason = Text("no decision record", style="dim")
             else:
                 reason = Text(why.reason())
-                reason.append(f"  {why.scores()}", style="dim")
+                reason.append(f"\n{why.scores()}", style="dim")
             recent.add_row(str(o.request.index), describe(o), o.server if o.ok else Text("failed", style="red"),
                            f"{o.cached_tokens}/{o.prompt_tokens}" if o.ok else "", ttft, reason)
         tally = Table(title="endpoints so far", title_justify="left")
@@ -147,7 +147,7 @@ def make_view(console: Console, total: int, servers: Sequence[tuple[str, str, fl
 def print_summary(console: Console, s: Summary) -> None:
     table = Table(title=f"per endpoint ({s.total} requests in {s.wall_s:.1f} s)", title_justify="left")
     for col in ("server", "address", "speed", "requests", "share", "prefix hits", "cached tokens",
-                "mean TTFT (server)", "mean TTFT (client, streamed)", "mean latency"):
+                "mean TTFT", "streamed TTFT", "mean latency"):
         table.add_column(col, justify="left" if col in ("server", "address") else "right")
     for e in s.endpoints:
         share = f"{e.requests / s.ok:.0%}" if s.ok else "-"
@@ -155,6 +155,10 @@ def print_summary(console: Console, s: Summary) -> None:
                       f"{e.prefix_hits}/{e.requests}", f"{e.cached_share:.0%}", ms(e.server_ttft_mean),
                       ms(e.mean_client_ttft), ms(e.mean_latency))
     console.print(table)
+    for note in (f"prefix hit: at least {PREFIX_HIT_TOKENS} prompt tokens came from the server's prefix cache",
+                 "mean TTFT: the server's own histogram, all requests; streamed TTFT: first token seen by the client "
+                 "through Envoy; latency: request to last byte at the client"):
+        console.print(note, markup=False, style="dim", soft_wrap=True)
     hits = f"{s.prefix_hits}/{s.ok}" if s.ok else "0/0"
     console.print(f"requests: {s.total}, succeeded: {s.ok}, failed: {len(s.failed)}, prefix-cache hits: {hits}",
                   markup=False)

@@ -8,6 +8,7 @@ request stream is replayed through it:
     (b) epp-random              Envoy + EPP, random-picker (the EPP path without intelligence)
     (c) epp-default             Envoy + EPP, built-in default profile (queue x2, KV x2, prefix x3)
     (d) epp-seed                Envoy + EPP, config/seed-pipeline.yaml
+        epp-inflight            extra: the default profile + the EPP's own in-flight counts
     (e) vllm-router-*, smg-*    peer routers from PyPI (separate venv), when installable
 
 The offered load is a fixed fraction of fleet capacity computed from the sim's own physics
@@ -29,7 +30,7 @@ from typing import Any
 
 from epp.bench import peers as peers_mod
 from epp.bench import report, stacks, workloads
-from epp.bench.capacity import saturation_capacity
+from epp.bench.capacity import saturation_capacity, simulate_round_robin
 from epp.bench.loadgen import RequestResult, run_workload
 from epp.bench.procs import ProcessGroup
 
@@ -52,14 +53,20 @@ POLICIES: tuple[Policy, ...] = (
     Policy("epp-default", "epp", "Envoy + EPP, built-in default profile (queue x2, kv-cache x2, prefix x3)"),
     Policy("epp-seed", "epp", "Envoy + EPP, seed pipeline (prometheus-metric -> metric-scorer + queue, kv, prefix)",
            epp_config="seed-pipeline.yaml"),
+    Policy("epp-inflight", "epp", "Envoy + EPP, default profile + active-request-scorer (the EPP's own in-flight "
+           "counts; an extra policy, not one of issue 7's)", epp_config="inflight-aware.yaml"),
     *(Policy(f"{spec.name}-{pol}", "peer", f"{spec.name} {spec.requirement.split('==')[-1]}, --policy {pol}",
              peer=spec.name, peer_policy=pol)
       for spec in peers_mod.PEERS.values() for pol in spec.policies),
 )
 POLICY_NAMES = tuple(p.name for p in POLICIES)
 WORKLOAD_NAMES = tuple(workloads.WORKLOADS)
-# Offered load as a fraction of the fleet's load-blind capacity (see capacity.py).
-DEFAULT_LOAD = {"shared-prefix": 0.7, "mixed-lengths": 0.8, "lora": 0.7}
+# Offered load as a fraction of the fleet's load-blind saturation capacity (see capacity.py).
+# LoRA is lower: its saturation capacity counts on the sim batching requests of the same adapter
+# out of a long queue, which a moderately loaded server cannot do. The virtual round-robin
+# replay (simulate_round_robin) shows the knee: TTFT p90 0.34 s at 0.4, 1.4 s at 0.5, 3.7 s at
+# 0.6, 6.2 s at 0.7 (queues grow until batching catches up).
+DEFAULT_LOAD = {"shared-prefix": 0.7, "mixed-lengths": 0.8, "lora": 0.5}
 TARGETS = {
     "shared-prefix": "TTFT p90 at least 3x better than envoy-round-robin and no worse than the best peer policy",
     "mixed-lengths": "TTFT p90 at least 1.5x better than envoy-round-robin",
@@ -107,33 +114,46 @@ class PlannedWorkload:
     workload: workloads.Workload
     capacity_per_server: float  # requests per model second, load-blind
     load_fraction: float
+    # TTFT percentiles of round-robin replayed on the sim's scheduler with a virtual clock: the
+    # physics alone, to compare with the measured envoy-round-robin run.
+    predicted_round_robin: Mapping[str, float]
 
 
-def plan_workload(name: str, settings: QualitySettings, index: int = 0) -> PlannedWorkload:
+def plan_workload(name: str, settings: QualitySettings) -> PlannedWorkload:
     """Pick the arrival rate as ``load`` x fleet capacity for this workload's request mix."""
-    seed = settings.seed + index
+    # A fixed seed per workload, whichever subset of workloads runs.
+    seed = settings.seed + WORKLOAD_NAMES.index(name)
     # A large sample of the same mix (same seed: same tenants/adapters) to measure capacity on.
     probe = workloads.build(name, seed=seed, rate=10.0, duration=80.0)
     cap = saturation_capacity(probe.requests, lora_adapters=probe.lora_adapters)
     fraction = settings.load[name]
     rate = fraction * settings.servers * cap.requests_per_s
     wl = workloads.build(name, seed=seed, rate=rate, duration=settings.duration)
-    return PlannedWorkload(wl, cap.requests_per_s, fraction)
+    predicted = simulate_round_robin(wl.requests, settings.servers, lora_adapters=wl.lora_adapters)
+    return PlannedWorkload(wl, cap.requests_per_s, fraction,
+                           {f"ttft_p{q}": report.percentile(predicted, q) for q in (50, 90, 99)})
 
 
 # -- one run -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StartedPolicy:
+    url: str  # where clients send requests
+    epp_metrics_url: str | None = None  # the EPP's metrics/debug port, for EPP policies
+
+
 def start_policy(group: ProcessGroup, policy: Policy, fleet: stacks.SimFleetHandle,
-                 settings: QualitySettings, installs: Mapping[str, peers_mod.PeerInstall]) -> str:
-    """Start ``policy``'s router in front of ``fleet``; return the base URL clients use."""
+                 settings: QualitySettings, installs: Mapping[str, peers_mod.PeerInstall]) -> StartedPolicy:
+    """Start ``policy``'s router in front of ``fleet``."""
     if policy.kind == "envoy-rr":
-        return stacks.start_envoy_template(group, "envoy-direct.yaml", backends=fleet.addresses).url
+        return StartedPolicy(stacks.start_envoy_template(group, "envoy-direct.yaml", backends=fleet.addresses).url)
     if policy.kind == "epp":
         config = CONFIG_DIR / policy.epp_config if policy.epp_config else None
         epp = stacks.start_epp(group, fleet.addresses, config_file=config)
-        return stacks.start_envoy_template(group, settings.envoy_template, backends=fleet.addresses,
-                                           epp_port=epp.grpc_port).url
+        envoy = stacks.start_envoy_template(group, settings.envoy_template, backends=fleet.addresses,
+                                            epp_port=epp.grpc_port)
+        return StartedPolicy(envoy.url, epp.metrics_url)
     if policy.kind == "peer":
         install = installs[policy.peer]
 
@@ -141,8 +161,53 @@ def start_policy(group: ProcessGroup, policy: Policy, fleet: stacks.SimFleetHand
             return peers_mod.command(install, policy.peer_policy, port=port, prometheus_port=prom_port,
                                      worker_urls=fleet.urls)
 
-        return stacks.start_peer_router(group, argv, name=policy.name).url
+        return StartedPolicy(stacks.start_peer_router(group, argv, name=policy.name).url)
     raise ValueError(f"unknown policy kind {policy.kind!r}")
+
+
+async def _watch_epp(metrics_url: str, stop: asyncio.Event, samples: list[dict[str, Any]], every: float = 1.0) -> None:
+    """Sample the EPP's view of the endpoints (data age, reachability) while the load runs.
+
+    Stale endpoint data is the usual reason a metric-driven policy herds onto one server, so
+    the report shows how fresh the EPP's data stayed.
+    """
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                async with http.get(metrics_url + "/debug/endpoints") as resp:
+                    rows = (await resp.json()).get("endpoints", [])
+                ages = [r["metrics_age_s"] for r in rows if r.get("metrics_age_s") is not None]
+                samples.append({"t": t, "max_age_s": max(ages, default=None),
+                                "unreachable": sum(1 for r in rows if not r.get("reachable", True))})
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                samples.append({"t": t, "max_age_s": None, "unreachable": None, "error": True})
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except asyncio.TimeoutError:
+                pass
+
+
+def _save_epp_diagnostics(metrics_url: str, log_dir: Path) -> dict[str, float]:
+    """Keep the EPP's last decisions and metrics next to the logs; return its error counters."""
+    out: dict[str, float] = {}
+    for path, fname in (("/debug/decisions?n=200", "epp-decisions.json"), ("/debug/endpoints", "epp-endpoints.json"),
+                        ("/metrics", "epp-metrics.txt")):
+        try:
+            with urllib.request.urlopen(metrics_url + path, timeout=5) as resp:  # noqa: S310
+                body = resp.read()
+        except OSError:
+            continue
+        (log_dir / fname).write_bytes(body)
+        if fname == "epp-metrics.txt":
+            for line in body.decode().splitlines():
+                for prefix, key in (("llm_d_inference_scheduler_datalayer_poll_errors_total", "epp_poll_errors"),
+                                    ("epp_scorer_stale_or_missing_metric_total", "epp_stale_scores")):
+                    if line.startswith(prefix):
+                        out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 SIM_COUNTERS = {
@@ -188,19 +253,39 @@ def run_one(policy: Policy, planned: PlannedWorkload, settings: QualitySettings,
     with ProcessGroup(log_dir) as group:
         fleet = stacks.start_sim_fleet(group, settings.servers, time_scale=settings.time_scale,
                                        seed=settings.seed, lora_adapters=wl.lora_adapters)
-        url = start_policy(group, policy, fleet, settings, installs)
+        started = start_policy(group, policy, fleet, settings, installs)
         procs = list(group.processes)
         cpu0 = [p.cpu_seconds() for p in procs]
+        samples: list[dict[str, Any]] = []
+
+        async def drive() -> list[RequestResult]:
+            stop = asyncio.Event()
+            watcher = (asyncio.create_task(_watch_epp(started.epp_metrics_url, stop, samples))
+                       if started.epp_metrics_url else None)
+            try:
+                return await run_workload(started.url, wl, time_scale=settings.time_scale,
+                                          request_timeout=settings.request_timeout, progress=progress)
+            finally:
+                stop.set()
+                if watcher is not None:
+                    await watcher
+
         t0 = time.perf_counter()
-        results = asyncio.run(run_workload(url, wl, time_scale=settings.time_scale,
-                                           request_timeout=settings.request_timeout, progress=progress))
+        results = asyncio.run(drive())
         wall = time.perf_counter() - t0
         cpu = {p.name: (p.cpu_seconds() - c) / wall for p, c in zip(procs, cpu0)}
         per_server = {u: scrape_sim_counters(u) for u in fleet.urls}
+        diagnostics = _save_epp_diagnostics(started.epp_metrics_url, log_dir) if started.epp_metrics_url else {}
     summary = summarize(results, settings.time_scale, per_server, wall)
     summary["cpu_cores"] = {k: round(v, 3) for k, v in cpu.items()}
     # Other work on the machine skews latencies; record how busy it was.
     summary["load_average_1m"] = round(os.getloadavg()[0], 2)
+    if started.epp_metrics_url:
+        ages = [x["max_age_s"] for x in samples if x.get("max_age_s") is not None]
+        summary["epp_data_age_max_s"] = max(ages, default=None)
+        summary["epp_data_age_p90_s"] = report.percentile(ages, 90) if ages else None
+        summary["epp_unreachable_samples"] = sum(1 for x in samples if x.get("unreachable"))
+        summary.update(diagnostics)
     return RunOutcome(policy.name, wl.name, summary, results)
 
 
@@ -287,13 +372,14 @@ def run_quality_bench(out_dir: str | Path, smoke: bool = False, *,
         "workloads": {},
     }
     started = time.perf_counter()
-    for index, name in enumerate(s.workloads):
-        planned = plan_workload(name, s, index)
+    for name in s.workloads:
+        planned = plan_workload(name, s)
         wl = planned.workload
         entry: dict[str, Any] = {
             "workload": wl.summary(),
             "capacity_per_server_rps": planned.capacity_per_server,
             "load_fraction": planned.load_fraction,
+            "predicted_round_robin": dict(planned.predicted_round_robin),
             "runs": {},
         }
         result["workloads"][name] = entry
@@ -415,6 +501,11 @@ def write_quality_report(result: Mapping[str, Any], out: Path) -> Path:
         lines += [report.markdown_table(
             ["policy", "TTFT p50 (s)", "TTFT p90 (s)", "TTFT p99 (s)", "e2e p90 (s)", "req/s", "output tok/s",
              "prefix hit", "preemptions", "LoRA loads", "max/mean per server", "errors"], rows), ""]
+        pred = entry.get("predicted_round_robin") or {}
+        if pred:
+            lines += [f"Round-robin replayed on the sim's scheduler with a virtual clock (the physics alone, no "
+                      f"processes): TTFT p50 {report.fmt(pred.get('ttft_p50'))} s, p90 {report.fmt(pred.get('ttft_p90'))} s, "
+                      f"p99 {report.fmt(pred.get('ttft_p99'))} s; compare with the measured `envoy-round-robin` row.", ""]
         lines += [f"![TTFT CDF, {wl_name}](quality_ttft_cdf_{wl_name}.png)", ""]
         if wl_name in TARGETS:
             lines += [f"Target: {TARGETS[wl_name]}.", ""]
@@ -435,8 +526,9 @@ def write_quality_report(result: Mapping[str, Any], out: Path) -> Path:
     lines += [
         "Notes on fairness: the peers are their own data-plane proxies; the EPP policies add Envoy plus an "
         "ext_proc round trip per request. Peer retries and circuit breakers are disabled (our Envoy has none); "
-        "other peer settings are their defaults (smg polls worker /metrics every 10 s; vllm-router balances on "
-        "its own in-flight counts). No router does LoRA-affinity routing in these configurations.",
+        "smg's load monitor polls worker /metrics every 1 s (its fastest; default 10 s); other peer settings are "
+        "their defaults (vllm-router balances on its own in-flight counts). No policy here does LoRA-affinity "
+        "routing (the EPP profiles above have no lora-affinity-scorer).",
         "",
     ]
     md = out / "summary.md"

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import yaml
 
-TEMPLATES = ("envoy.yaml", "envoy-buffered.yaml", "envoy-direct.yaml")
+TEMPLATES = ("envoy.yaml", "envoy-buffered.yaml", "envoy-efficient.yaml", "envoy-direct.yaml")
 
 DEFAULTS = {
     "listen_address": "127.0.0.1",

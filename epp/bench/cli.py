@@ -2,7 +2,7 @@
 
     epp bench all                   every benchmark (what `make bench` runs)
     epp bench quality --smoke       one benchmark, tiny parameters (seconds; what the tests run)
-    epp bench report --docs docs/benchmarks.md   rebuild the document from existing results
+    epp bench report --docs docs/benchmarks.md   re-render summaries, rebuild the document from existing results
 
 Each benchmark lives in its own module, ``epp.bench.<name>``, exposing
 ``run_<name>_bench(out_dir, smoke=...)``; it writes ``result.json``, ``summary.md`` and plots
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import importlib
 import inspect
+import json
 import sys
 import time
 import traceback
@@ -133,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
     if args.benchmark == "report":
         from epp.bench.report import write_docs
 
+        quality_json = out / "quality" / "result.json"
+        if quality_json.exists():  # re-render with the current report code (tables, plots)
+            from epp.bench.quality import write_quality_report
+
+            write_quality_report(json.loads(quality_json.read_text()), out / "quality")
         path = write_docs(out, Path(args.docs or "docs/benchmarks.md"))
         print(f"wrote {path}")
         return 0

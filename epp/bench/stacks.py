@@ -4,12 +4,19 @@ Every function takes a ``ProcessGroup`` (epp/bench/procs.py), starts one thing i
 until it is ready and returns where to reach it; the group stops everything on exit. Shared by
 the quality benchmark and the demo, so the commands here are the ones docker-compose.yml runs
 too (``epp sim ...``, ``epp serve ...``; here as ``python -m epp ...`` to pin the interpreter).
+
+    with ProcessGroup(log_dir) as group:
+        fleet = start_sim_fleet(group, 4, time_scale=1.0, lora_adapters=["sql-lora"])
+        epp = start_epp(group, fleet.addresses, config_file="config/seed-pipeline.yaml",
+                        extra=["--enable-debug-headers"])
+        envoy = start_envoy_template(group, "envoy.yaml", backends=fleet.addresses, epp_port=epp.grpc_port)
+        ...  # clients use envoy.url; decisions at epp.metrics_url + "/debug/decisions"
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +164,8 @@ class RouterHandle:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_peer_router(group: ProcessGroup, argv_for_port: Any, *, name: str, timeout: float = 60.0) -> RouterHandle:
+def start_peer_router(group: ProcessGroup, argv_for_port: Callable[[int, int], list[str]], *, name: str,
+                      timeout: float = 60.0) -> RouterHandle:
     """Start a peer router; ``argv_for_port(port, prometheus_port)`` builds its command line.
 
     Ready when its /health answers 200 (the peers only answer once every worker is healthy).

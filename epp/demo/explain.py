@@ -39,13 +39,15 @@ class Why:
     decisive_gain: float = 0.0
     filtered: Mapping[str, int] = field(default_factory=dict)  # filter -> endpoints removed
 
-    def reason(self) -> str:
+    def reason(self, short: bool = False) -> str:
         if self.candidates <= 1:
             return "the only candidate"
         if self.tied > 1:
-            return f"tie at {self.total:.2f} among {self.tied}, broken at random"
+            return f"tie among {self.tied}, random" if short else \
+                f"tie at {self.total:.2f} among {self.tied}, broken at random"
         if self.decisive:
-            return f"{self.decisive} +{self.decisive_gain:.2f} over {self.runner_up} (total +{self.margin:.2f})"
+            head = f"{self.decisive} +{self.decisive_gain:.2f} over {self.runner_up}"
+            return head if short else f"{head} (total +{self.margin:.2f})"
         return f"beats {self.runner_up} by {self.margin:.2f}"
 
     def scores(self) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Protocol
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,6 +27,8 @@ from epp.demo.summary import Summary
 from epp.demo.traffic import PREFIX_HIT_TOKENS, Outcome
 
 _RECENT = 10
+_WIDE = 150  # columns needed to show every scorer's contribution next to the reason
+_NARROW = 110  # below this, only who and why
 _PLAIN_WIDTH = 160
 
 
@@ -116,23 +119,36 @@ class LiveView:
         self.progress.update(self.task, advance=1, status=status)
 
     def _render(self) -> Group:
-        recent = Table(title="where requests went, and why (newest last)", title_justify="left", expand=True)
-        for col, kw in (("#", {"justify": "right"}), ("request", {}), ("server", {}), ("cached", {"justify": "right"}),
-                        ("TTFT", {"justify": "right"}), ("why (EPP /debug/decisions)", {"ratio": 1})):
-            recent.add_column(col, no_wrap=col != "why (EPP /debug/decisions)", **kw)
-        for o, why in self.recent:
-            ttft = ms(o.ttft) if o.ttft is not None else Text(ms(o.latency), style="dim")
+        # One line per request, as many as the terminal has room for; scores only when wide.
+        width, height = self.console.size
+        rows = max(3, min(_RECENT, height - 12 - len(self.tally)))
+        recent = Table(title="where requests went, and why (newest last)", title_justify="left", expand=True,
+                       box=box.SIMPLE_HEAD)
+        wide, narrow = width >= _WIDE, width < _NARROW
+        cols: list[tuple[str, dict[str, object]]] = [("#", {"justify": "right"}),
+                                                     ("request", {"max_width": None if wide else 24}), ("server", {})]
+        if not narrow:  # below this, the reason needs the room more
+            cols += [("cached", {"justify": "right"}), ("TTFT/total", {"justify": "right"})]
+        cols.append(("why (from the EPP's /debug/decisions)", {"ratio": 1}))
+        for col, kw in cols:
+            recent.add_column(col, no_wrap=True, overflow="ellipsis", **kw)  # type: ignore[arg-type]
+        for o, why in list(self.recent)[-rows:]:
             reason: Text | str
             if not o.ok:
                 reason = Text(o.error, style="red")
             elif why is None:
                 reason = Text("no decision record", style="dim")
             else:
-                reason = Text(why.reason())
-                reason.append(f"\n{why.scores()}", style="dim")
-            recent.add_row(str(o.request.index), describe(o), o.server if o.ok else Text("failed", style="red"),
-                           f"{o.cached_tokens}/{o.prompt_tokens}" if o.ok else "", ttft, reason)
-        tally = Table(title="endpoints so far", title_justify="left")
+                reason = Text(why.reason(short=not wide))
+                if wide:
+                    reason.append(f"  {why.scores()}", style="dim")
+            cells: list[Text | str] = [str(o.request.index), describe(o),
+                                       o.server if o.ok else Text("failed", style="red")]
+            if not narrow:
+                cells.append(f"{o.cached_tokens / o.prompt_tokens:.0%}" if o.ok and o.prompt_tokens else "")
+                cells.append(ms(o.ttft) if o.ttft is not None else Text(ms(o.latency), style="dim"))
+            recent.add_row(*cells, reason)
+        tally = Table(title="endpoints so far", title_justify="left", box=box.SIMPLE_HEAD)
         for col in ("server", "speed", "requests", "prefix hits"):
             tally.add_column(col, justify="left" if col == "server" else "right")
         for name, (routed, hits, speed) in self.tally.items():
@@ -144,16 +160,23 @@ def make_view(console: Console, total: int, servers: Sequence[tuple[str, str, fl
     return LiveView(console, total, servers) if console.is_terminal else PlainView(console, total)
 
 
+def _ms_value(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.0f}"
+
+
 def print_summary(console: Console, s: Summary) -> None:
-    table = Table(title=f"per endpoint ({s.total} requests in {s.wall_s:.1f} s)", title_justify="left")
-    for col in ("server", "address", "speed", "requests", "share", "prefix hits", "cached tokens",
-                "mean TTFT", "streamed TTFT", "mean latency"):
+    narrow = console.width < _NARROW  # addresses were printed at start; keep the numbers readable
+    table = Table(title=f"per endpoint ({s.total} requests in {s.wall_s:.1f} s)", title_justify="left",
+                  box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD)
+    cols = ["server", *([] if narrow else ["address"]), "speed", "requests", "share", "prefix hits", "cached tokens",
+            "mean TTFT ms", "streamed TTFT ms", "mean latency ms"]
+    for col in cols:
         table.add_column(col, justify="left" if col in ("server", "address") else "right")
     for e in s.endpoints:
         share = f"{e.requests / s.ok:.0%}" if s.ok else "-"
-        table.add_row(e.name, e.address, f"{e.speed:g}x", str(e.requests), share,
-                      f"{e.prefix_hits}/{e.requests}", f"{e.cached_share:.0%}", ms(e.server_ttft_mean),
-                      ms(e.mean_client_ttft), ms(e.mean_latency))
+        table.add_row(e.name, *([] if narrow else [e.address]), f"{e.speed:g}x", str(e.requests), share,
+                      f"{e.prefix_hits}/{e.requests}", f"{e.cached_share:.0%}", _ms_value(e.server_ttft_mean),
+                      _ms_value(e.mean_client_ttft), _ms_value(e.mean_latency))
     console.print(table)
     for note in (f"prefix hit: at least {PREFIX_HIT_TOKENS} prompt tokens came from the server's prefix cache",
                  "mean TTFT: the server's own histogram, all requests; streamed TTFT: first token seen by the client "

@@ -171,8 +171,9 @@ def keep_running(console: Console, stack: Stack) -> int:
 
 def run(args: argparse.Namespace) -> int:
     console = make_console(args.plain)
+    errors = Console(stderr=True, highlight=False)
     if not args.config_file.is_file():
-        console.print(f"epp demo: error: config file {args.config_file} not found", markup=False)
+        errors.print(f"epp demo: error: config file {args.config_file} not found", markup=False)
         return 2
     requests = plan(args.requests, seed=args.seed, rate=args.rate)
     started: list[ManagedProcess] = []
@@ -196,9 +197,9 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"\nterminated (exit {e.code})", markup=False)
         rc = e.code if isinstance(e.code, int) else 1
     except (ProcessFailed, EnvoyConfigError) as e:
-        console.print(f"epp demo: error: {e}", markup=False, soft_wrap=True)
+        errors.print(f"epp demo: error: {e}", markup=False, soft_wrap=True)
         if args.log_dir is None:
-            console.print("(the logs go away with the demo; --log-dir DIR keeps them)", markup=False)
+            errors.print("(the logs go away with the demo; --log-dir DIR keeps them)", markup=False)
         rc = 1
     if started:
         console.print("stopped " + ", ".join(f"{p.name} (pid={p.pid}, exit {p.popen.returncode})" for p in started),

@@ -25,7 +25,7 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
-from epp.bench.workloads import BYTES_PER_TOKEN, DEFAULT_MODEL, poisson_arrivals, text_of_tokens
+from epp.bench.workloads import DEFAULT_MODEL, poisson_arrivals, text_of_tokens
 
 KINDS = ("chat", "completion", "adapter")
 KIND_WEIGHTS = (0.5, 0.25, 0.25)
@@ -117,11 +117,6 @@ def plan(n: int, *, seed: int = 0, rate: float = 8.0, model: str = DEFAULT_MODEL
                                         {"role": "user", "content": question}))
         out.append(req)
     return out
-
-
-def approx_prompt_tokens(req: DemoRequest) -> int:
-    text = req.prompt or "".join(m["content"] for m in req.messages)
-    return len(text) // BYTES_PER_TOKEN
 
 
 # -- sending -------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ async def test_process_collector_feeds_the_parent_pool(servers, caplog):
     await col.start()
     try:
         assert col.child_pid not in (None, os.getpid())
+        with open(f"/proc/{col.child_pid}/stat") as f:
+            child_nice = int(f.read().rsplit(")", 1)[1].split()[16])
+        assert child_nice == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)  # the request path wins CPU
         ep, ep_flaky = pool.get(meta(good).key), pool.get(meta(flaky).key)
         await wait_until(lambda: ep.metrics.update_time > 0 and ep.get_attribute("/v1/models") is not None,
                          timeout=20, what="data from the child")

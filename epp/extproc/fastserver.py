@@ -34,8 +34,9 @@ from hpack import Decoder
 from hpack.exceptions import HPACKError
 
 from epp.extproc.health import KNOWN_SERVICES, HealthService
+from epp.extproc.messages import FULL_DUPLEX, parse_response_body, streamed_chunk_head, streamed_response_chunk
 from epp.extproc.service import ExtProcService, serialize
-from epp.extproc.stream import ExtProcStream
+from epp.extproc.stream import RESPONSE_BODY, ExtProcStream
 from epp.extproc.tls import CertificateReloader, self_signed_certificate
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,20 @@ HEALTH_WATCH = b"/grpc.health.v1.Health/Watch"
 GRPC_OK, GRPC_INVALID_ARGUMENT, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED, GRPC_INTERNAL = 0, 3, 8, 12, 13
 
 _HDR = struct.Struct(">BHBBI")  # 24-bit length as (high byte, low 16 bits), type, flags, stream id
+_GRPC_PREFIX = struct.Struct(">BI")  # compressed flag, message length
+
+
+def _echo_head(n: int) -> bytes:
+    """gRPC prefix + the ext_proc message bytes before the payload, for echoing an ``n``-byte
+    response chunk (no end of stream)."""
+    head, tail = streamed_chunk_head(n, False)
+    return b"\x00" + (len(head) + n).to_bytes(4, "big") + head
+
+
+# Echo headers by chunk length: token chunks are a few hundred distinct sizes.
+_ECHO_HEADS: dict[int, bytes] = {}
+_ECHO_HEADS_MAX = 8192
+_ECHO_HEAD_MAX_LEN = 1 << 16
 
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
@@ -222,6 +237,44 @@ class _ProcessStream(_Stream):
         service.active_streams += 1
         self.timer: asyncio.TimerHandle | None = conn.loop.call_later(service.settings.request_timeout, self._deadline)
 
+    def on_data(self, data: bytes, end_stream: bool) -> None:
+        # The per-token hot path (full duplex, a whole gRPC message in one DATA frame): decode
+        # the chunk by hand, let the state machine see it, and queue the echo as one DATA frame
+        # built from a cached header. Anything else takes the general path.
+        machine = self.machine
+        if (not end_stream and machine.state == RESPONSE_BODY and machine.resp_mode == FULL_DUPLEX
+                and not self.buf and not self.local_closed and self.headers_sent and len(data) > 5):
+            flag, size = _GRPC_PREFIX.unpack_from(data)
+            if flag == 0 and size == len(data) - 5:
+                parsed = parse_response_body(data, 5)
+                if parsed is not None:
+                    self._echo(*parsed)
+                    return
+        _Stream.on_data(self, data, end_stream)
+
+    def _echo(self, body: bytes, eos: bool) -> None:
+        out = self.machine.duplex_chunk(body, eos)
+        if out.__class__ is not bytes:  # the chunk failed the stream: send its answers, end
+            for resp in out:  # type: ignore[union-attr]
+                self.send_message(serialize(resp))
+            self.finish(GRPC_OK)
+            return
+        n = len(out)  # type: ignore[arg-type]
+        head = None if eos else _ECHO_HEADS.get(n)
+        if head is None:
+            if eos or n > _ECHO_HEAD_MAX_LEN or len(_ECHO_HEADS) >= _ECHO_HEADS_MAX:
+                self.send_message(streamed_response_chunk(out, eos))  # type: ignore[arg-type]
+                return
+            head = _ECHO_HEADS[n] = _echo_head(n)
+        size = len(head) + n
+        conn = self.conn
+        if not self.pending and size <= self.send_window and size <= conn.send_conn_window and size <= conn.peer_max_frame:
+            self.send_window -= size
+            conn.send_conn_window -= size
+            conn.out += (_HDR.pack(size >> 16, size & 0xFFFF, DATA, 0, self.sid), head, out)
+        else:
+            self.send_message(streamed_response_chunk(out, eos))  # type: ignore[arg-type]
+
     def on_message(self, raw: bytes) -> None:
         try:
             req = pb.ProcessingRequest.FromString(raw)
@@ -326,7 +379,14 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
-        buf += data
+        # Frames are parsed straight from ``data`` unless a partial frame (or the preface) is
+        # pending: a streamed token is one small DATA frame per read, not worth two copies.
+        src: bytes | bytearray
+        if buf or not self.preface_seen:
+            buf += data
+            src = buf
+        else:
+            src = data
         try:
             pos = 0
             if not self.preface_seen:
@@ -336,20 +396,27 @@ class _Connection(asyncio.Protocol):
                     raise _H2Error(PROTOCOL_ERROR, "not an HTTP/2 client (bad preface)")
                 self.preface_seen = True
                 pos = len(PREFACE)
-            end = len(buf)
+            end = len(src)
             unpack = _HDR.unpack_from
+            copy = src is buf  # slices of the bytearray must not alias it
             while end - pos >= 9:
-                hi, lo, ftype, flags, sid = unpack(buf, pos)
+                hi, lo, ftype, flags, sid = unpack(src, pos)
                 length = hi << 16 | lo
                 if length > OUR_MAX_FRAME:
                     raise _H2Error(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds our maximum")
                 if end - pos - 9 < length:
                     break
-                payload = bytes(buf[pos + 9:pos + 9 + length])
+                payload = bytes(src[pos + 9:pos + 9 + length]) if copy else src[pos + 9:pos + 9 + length]
                 pos += 9 + length
-                self._frame(ftype, flags, sid & 0x7FFFFFFF, payload)
-            if pos:
-                del buf[:pos]
+                if ftype == DATA and self.header_block is None:
+                    self._data(flags, sid & 0x7FFFFFFF, payload)
+                else:
+                    self._frame(ftype, flags, sid & 0x7FFFFFFF, payload)
+            if copy:
+                if pos:
+                    del buf[:pos]
+            elif pos < end:
+                buf += src[pos:]  # the start of a frame that continues in the next read
         except _H2Error as e:
             log.warning("HTTP/2 connection error from %s: %s", self._peer(), e)
             self._goaway(e.code, str(e))

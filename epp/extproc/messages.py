@@ -39,6 +39,9 @@ EMPTY_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersRespo
 EMPTY_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 EMPTY_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 EMPTY_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+# Per-chunk acknowledgements (STREAMED body modes), pre-serialised: sent once per chunk.
+EMPTY_REQUEST_BODY_RAW = EMPTY_REQUEST_BODY.SerializeToString()
+EMPTY_RESPONSE_BODY_RAW = EMPTY_RESPONSE_BODY.SerializeToString()
 
 
 def header_options(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
@@ -157,6 +160,97 @@ def streamed_chunk_bytes(data: bytes, eos: bool, *, response: bool = True) -> by
     if eos:
         parts.append(_EOS_TRUE)
     return b"".join(parts)
+
+
+def streamed_chunk_head(n: int, eos: bool, *, response: bool = True) -> tuple[bytes, bytes]:
+    """``(head, tail)`` such that ``head + data + tail`` is ``streamed_chunk_bytes(data, eos)``
+    for any ``data`` of ``n`` bytes: the transport caches ``head`` per length and writes the
+    payload without building the message."""
+    if not n:
+        return streamed_chunk_bytes(b"", eos, response=response), b""
+    sbr_len = 1 + len(_varint(n)) + n + (2 if eos else 0)
+    bm_len = 1 + len(_varint(sbr_len)) + sbr_len
+    cr_len = 1 + len(_varint(bm_len)) + bm_len
+    br_len = 1 + len(_varint(cr_len)) + cr_len
+    head = b"".join((_TAG_RESPONSE_BODY if response else _TAG_REQUEST_BODY, _varint(br_len), _TAG_RESPONSE,
+                     _varint(cr_len), _TAG_BODY_MUTATION, _varint(bm_len), _TAG_STREAMED, _varint(sbr_len),
+                     _TAG_BODY, _varint(n)))
+    return head, _EOS_TRUE if eos else b""
+
+
+# ProcessingRequest fields Envoy may send next to a body (metadata_context = 8, attributes = 9:
+# length-delimited; observability_mode = 10: varint). The body itself: response_body = 5,
+# HttpBody.body = 1, HttpBody.end_of_stream = 2.
+_REQ_RESPONSE_BODY = 0x2A
+_SKIPPABLE_LEN = (0x42, 0x4A)
+_SKIPPABLE_VARINT = 0x50
+
+
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position); raises IndexError on truncation."""
+    b = raw[pos]
+    if b < 0x80:
+        return b, pos + 1
+    value = b & 0x7F
+    shift = 7
+    while True:
+        pos += 1
+        b = raw[pos]
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos + 1
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
+def parse_response_body(raw: bytes, pos: int = 0) -> tuple[bytes, bool] | None:
+    """``(body, end_of_stream)`` of a serialised ProcessingRequest carrying ``response_body``,
+    decoded by hand (the per-token hot path: no message objects). Fields Envoy adds next to
+    it (metadata, attributes, observability mode) are skipped. Returns None for anything else
+    or anything unusual (other HttpBody fields, repeated fields, malformed bytes): the caller
+    then decodes the message with protobuf, which stays the authority."""
+    end = len(raw)
+    try:
+        if raw[pos] != _REQ_RESPONSE_BODY:
+            return None
+        size = raw[pos + 1]  # one-byte varints inline: the common case by far
+        pos += 2
+        if size >= 0x80:
+            size, pos = _read_varint(raw, pos - 1)
+        stop = pos + size
+        if stop > end:
+            return None
+        body = b""
+        eos = False
+        if pos < stop and raw[pos] == 0x0A:
+            n = raw[pos + 1]
+            pos += 2
+            if n >= 0x80:
+                n, pos = _read_varint(raw, pos - 1)
+            if pos + n > stop:
+                return None
+            body = raw[pos:pos + n]
+            pos += n
+        if pos < stop and raw[pos] == 0x10:
+            flag, pos = _read_varint(raw, pos + 1)
+            eos = flag != 0
+        if pos != stop:
+            return None  # an HttpBody field we do not handle here
+        while pos < end:
+            tag = raw[pos]
+            if tag in _SKIPPABLE_LEN:
+                size, pos = _read_varint(raw, pos + 1)
+                pos += size
+            elif tag == _SKIPPABLE_VARINT:
+                _, pos = _read_varint(raw, pos + 1)
+            else:
+                return None
+        if pos != end:
+            return None
+    except IndexError:
+        return None
+    return body, eos
 
 
 def streamed_response_chunk(data: bytes, eos: bool) -> bytes:

@@ -143,6 +143,23 @@ class ExtProcStream:
             log.exception("ext_proc stream failed on %s", kind)
             return self._fail(RequestError("Internal", f"{type(e).__name__}: {e}"), "internal-error")
 
+    def duplex_chunk(self, data: bytes, eos: bool) -> bytes | list[Out]:
+        """The per-token hot path: one response chunk in full-duplex mode, state RESPONSE_BODY
+        (the caller checks
+        ``state == RESPONSE_BODY and resp_mode == FULL_DUPLEX``). Returns the bytes to echo in ``streamed_response``
+        (model name restored), or, if handling the chunk failed, the answers that end the
+        stream. Same effect as ``on_message`` with a ``response_body`` message, minus the
+        message object and the dispatch."""
+        ctx = self.ctx
+        try:
+            out = ctx.response_chunk(data, eos) if ctx is not None else data
+        except Exception as e:  # a bug must cost one request, never the server
+            log.exception("ext_proc stream failed on a response chunk")
+            return self._fail(RequestError("Internal", f"{type(e).__name__}: {e}"), "internal-error")
+        if eos:
+            self.state = RESPONSE_DONE
+        return out
+
     def on_deadline(self) -> list[Out]:
         """The request phase took too long (body never completed): answer 504 if still open."""
         if self.state >= ROUTED:
@@ -197,7 +214,7 @@ class ExtProcStream:
         if body.end_of_stream:
             return self._route(trailers=False)
         if self.req_mode in (msg.STREAMED, msg.BUFFERED_PARTIAL):
-            return [msg.EMPTY_REQUEST_BODY]  # these modes want every chunk acknowledged
+            return [msg.EMPTY_REQUEST_BODY_RAW]  # these modes want every chunk acknowledged
         return []
 
     def _route(self, trailers: bool) -> list[Out]:
@@ -244,9 +261,12 @@ class ExtProcStream:
             self.state = RESPONSE_DONE
         if self.resp_mode == msg.FULL_DUPLEX:
             return [msg.streamed_response_chunk(out, eos)]
+        # A chunk after we asked for body mode NONE: Envoy ignored the override (its
+        # allow_mode_override is off), so the stream's end is no longer the response's end.
+        self.body_overridden = False
         if out is not data:
             return [msg.replaced_response_body(out)]
-        return [msg.EMPTY_RESPONSE_BODY]
+        return [msg.EMPTY_RESPONSE_BODY_RAW]
 
     # --- errors ----------------------------------------------------------------------------
     def _fail(self, err: RequestError, outcome: str) -> list[Out]:

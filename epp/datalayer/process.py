@@ -123,8 +123,11 @@ async def _read_msg(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(await reader.readexactly(n))
 
 
-def _meta_tuple(m: EndpointMetadata) -> tuple:
-    return (m.address, m.port, m.name, m.namespace, m.metrics_port, dict(m.labels))
+def _upsert(ep: Endpoint) -> tuple:
+    """Endpoint identity plus its health so far (a restarted or reloaded child resumes it)."""
+    m = ep.metadata
+    return ("upsert", (m.address, m.port, m.name, m.namespace, m.metrics_port, dict(m.labels)),
+            (ep.reachable, ep.last_scrape_ok, ep.first_failure))
 
 
 # -- the parent side ----------------------------------------------------------------------------
@@ -237,7 +240,7 @@ class ProcessCollector:
         self._ready = loop.create_future()
         self._pump = loop.create_task(self._read_loop(), name="collector-process reader")
         for ep in self.pool.endpoints():
-            self._send(("upsert", _meta_tuple(ep.metadata)))
+            self._send(_upsert(ep))
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), _START_TIMEOUT)
         except asyncio.TimeoutError:
@@ -318,7 +321,7 @@ class ProcessCollector:
         else:
             if event == "added":
                 self.sink.reachability(ep, ep.reachable)
-            self._send(("upsert", _meta_tuple(ep.metadata)))
+            self._send(_upsert(ep))
 
     # -- child -> pool -----------------------------------------------------------------------
 
@@ -554,8 +557,12 @@ async def _child(fds: _FdPair, payload: bytes, options: dict[str, Any], level: i
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the serving process went away: nothing left to feed
             if msg[0] == "upsert":
-                address, port, name, namespace, metrics_port, labels = msg[1]
-                pool.upsert(EndpointMetadata(address, port, name, namespace, metrics_port, labels))
+                meta = EndpointMetadata(*msg[1])
+                known = pool.get(meta.key) is not None
+                ep = pool.upsert(meta)
+                if not known:  # a failure run that began before this child keeps counting
+                    reachable, ep.last_scrape_ok, ep.first_failure = msg[2]
+                    pool.set_reachable(ep, reachable)
             elif msg[0] == "remove":
                 pool.remove(msg[1])  # the collector stops the loop and tells the batcher to forget it
             elif msg[0] == "stop":

@@ -70,22 +70,28 @@ async def test_process_collector_feeds_the_parent_pool(servers, caplog):
     assert good.hits["/metrics"] - col.ticks[ep.key] in (0, 1)
 
 
-async def test_child_crash_is_restarted(servers, caplog):
-    srv = await servers()
-    pool = pool_of(meta(srv))
+async def test_child_crash_is_restarted_and_resumes_health(servers, caplog):
+    srv, down = await servers(), await servers()
+    pool = pool_of(meta(srv), meta(down))
     col = ProcessCollector(pool, [wiring(plugin("prometheus-data-source"), plugin("core-metrics-extractor"))],
-                           interval=0.02, restart_delay=0.1)
+                           interval=0.02, timeout=0.2, unreachable_after=0.3, restart_delay=0.1)
     await col.start()
     try:
-        ep = pool.endpoints()[0]
+        ep, ep_down = pool.get(meta(srv).key), pool.get(meta(down).key)
         await wait_until(lambda: ep.metrics.update_time > 0, timeout=20, what="first data")
+        down.mode = "status"
+        await wait_until(lambda: not ep_down.reachable, what="unreachable")
         first = col.child_pid
         os.kill(first, signal.SIGKILL)
         await wait_until(lambda: col.restarts == 1 and col.child_pid != first, timeout=20, what="restart")
         t = ep.metrics.update_time
         await wait_until(lambda: ep.metrics.update_time > t, timeout=20, what="fresh data after restart")
+        ticks = col.ticks.get(ep_down.key, 0)
+        await wait_until(lambda: col.ticks.get(ep_down.key, 0) >= ticks + 3, what="ticks of the new child")
+        assert not ep_down.reachable  # the new child did not start over with "reachable"
         assert any("exited unexpectedly" in r.getMessage() for r in caplog.records)
     finally:
+        down.mode = "ok"
         await col.stop()
 
 

@@ -207,7 +207,8 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
 def parse_response_body(raw: bytes, pos: int = 0) -> tuple[bytes, bool] | None:
     """``(body, end_of_stream)`` of a serialised ProcessingRequest carrying ``response_body``,
     decoded by hand (the per-token hot path: no message objects). Fields Envoy adds next to
-    it (metadata, attributes, observability mode) are skipped. Returns None for anything else
+    it (metadata, attributes, observability mode) are skipped without being decoded: the
+    response phase does not use them. Returns None for anything else
     or anything unusual (other HttpBody fields, repeated fields, malformed bytes): the caller
     then decodes the message with protobuf, which stays the authority."""
     end = len(raw)

@@ -107,12 +107,12 @@ class ExtProcStream:
     def on_message(self, req: pb.ProcessingRequest) -> list[Out]:
         kind = req.WhichOneof("request")
         state = self.state
-        # Hot path first: response chunks of a routed request.
-        if kind == "response_body" and state == RESPONSE_BODY:
-            return self._response_body(req.response_body)
         if state == CLOSED:
             return []
-        try:
+        try:  # (free in Python 3.11 unless something raises)
+            # Hot path first: response chunks of a routed request.
+            if kind == "response_body" and state == RESPONSE_BODY:
+                return self._response_body(req.response_body)
             if kind == "request_headers" and state == EXPECT_HEADERS:
                 return self._request_headers(req)
             if kind == "request_body" and state == REQUEST_BODY:

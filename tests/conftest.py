@@ -87,6 +87,9 @@ class EppProcess:
 
     def restart(self) -> None:
         self.proc = self.procs.start(f"epp-{next(_names)}", self.argv)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
         self.procs.wait_for_grpc_health(self.proc, f"127.0.0.1:{self.health_port}", timeout=30)
 
     def get_json(self, path: str) -> Any:
@@ -99,7 +102,9 @@ class EppProcess:
 
 
 def start_epp(procs: ProcessGroup, endpoints: list[str], *, config_text: str | None = None,
-              extra: list[str] | None = None, secure: bool = False) -> EppProcess:
+              extra: list[str] | None = None, secure: bool = False, wait: bool = True) -> EppProcess:
+    """Start ``epp serve``; ``wait=False`` returns at once (call ``wait_ready()``: lets several
+    EPPs start in parallel)."""
     grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
     argv = [sys.executable, "-m", "epp", "serve", "--bind-address", "127.0.0.1",
             "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
@@ -111,8 +116,10 @@ def start_epp(procs: ProcessGroup, endpoints: list[str], *, config_text: str | N
         argv += ["--config-text", config_text]
     argv += extra or []
     proc = procs.start(f"epp-{next(_names)}", argv)
-    procs.wait_for_grpc_health(proc, f"127.0.0.1:{health_port}", timeout=30)
-    return EppProcess(procs, argv, grpc_port, health_port, metrics_port, proc)
+    epp = EppProcess(procs, argv, grpc_port, health_port, metrics_port, proc)
+    if wait:
+        epp.wait_ready()
+    return epp
 
 
 # --- Envoy -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ same EPP sits behind three Envoys:
   ``allow_mode_override``; the EPP drops SSE bodies at the response headers, policy
   ``non-streaming``);
 - ``buffered``: ``envoy/envoy-buffered.yaml`` (response body NONE: the reference floor; the
-  EPP's stream ends at the response headers, so it never sees the response end);
+  EPP's stream still lasts until the response ends, but it never sees a response body);
 
 and, in a full run, a second EPP with ``--response-body-policy always`` behind the efficient
 config (what reading every streamed body costs in STREAMED mode).
@@ -332,7 +332,7 @@ def _markdown(data: dict[str, Any], cells: list[Cell], s: Settings, markdown_tab
         f"Load average at the end: {data['load_average_at_end']:.1f} on {os.cpu_count()} CPUs.", "",
         "Configs: `duplex` = envoy.yaml (FULL_DUPLEX_STREAMED both ways); `efficient` = envoy-efficient.yaml "
         "(request BUFFERED, response STREAMED + mode_override NONE for SSE, policy `non-streaming`); `buffered` = "
-        "envoy-buffered.yaml (response body NONE; the EPP does not see the response end); `efficient-always` = "
+        "envoy-buffered.yaml (response body NONE: no response body ever reaches the EPP); `efficient-always` = "
         "envoy-efficient.yaml with `--response-body-policy always` (every chunk read).", "",
         markdown_table(["config", "chunks", "EPP CPU ms/req", "us/chunk over JSON", "ext_proc msgs/req",
                         "runs (ms/req)", "requests", "errors"], rows), "",

@@ -502,6 +502,11 @@ def write_quality_report(result: Mapping[str, Any], out: Path) -> Path:
         lines += [report.markdown_table(
             ["policy", "TTFT p50 (s)", "TTFT p90 (s)", "TTFT p99 (s)", "e2e p90 (s)", "req/s", "output tok/s",
              "prefix hit", "preemptions", "LoRA loads", "max/mean per server", "errors"], rows), ""]
+        for p in all_policies:
+            m = entry["runs"].get(p) or {}
+            if m.get("errors"):
+                sample, count = next(iter(m["error_samples"].items()))
+                lines += [f"Errors with `{p}`: {m['errors']} of {m['requests']}, most often ({count}x): `{sample}`", ""]
         pred = entry.get("predicted_round_robin") or {}
         if pred:
             lines += [f"Round-robin replayed on the sim's scheduler with a virtual clock (the physics alone, no "
@@ -510,9 +515,10 @@ def write_quality_report(result: Mapping[str, Any], out: Path) -> Path:
         lines += [f"![TTFT CDF, {wl_name}](quality_ttft_cdf_{wl_name}.png)", ""]
         if wl_name in TARGETS:
             lines += [f"Target: {TARGETS[wl_name]}.", ""]
-    if result.get("targets"):
+    targets = evaluate_targets(result)  # with the current rules, also when re-rendering old results
+    if targets:
         rows = []
-        for t in result["targets"]:
+        for t in targets:
             peer = "–"
             if t["workload"] == "shared-prefix":
                 peer = (f"{_verdict(t['peer_met'])} (best peer `{t['best_peer']}` {t['best_peer_ttft_p90']:.3f}s)"

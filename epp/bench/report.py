@@ -49,7 +49,9 @@ def fmt(value: Any, digits: int = 3) -> str:
             return "–"
         if value != 0 and abs(value) < 10 ** -(digits - 1):
             return f"{value:.1e}"
-        return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+        if abs(value) >= 1000:
+            return f"{value:.0f}"
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".")
     return str(value)
 
 

@@ -193,7 +193,7 @@ def shared_prefix(
     return Workload(
         name="shared-prefix",
         description=(f"{tenants} tenants with {system_tokens[0]}-{system_tokens[1]}-token system prompts "
-                     f"(prefix working set {working_set} tokens), Zipf s={zipf_s}, {rate:g} req/s"),
+                     f"(prefix working set {working_set} tokens), Zipf s={zipf_s}, {rate:.1f} req/s"),
         requests=tuple(requests),
         duration=duration,
         rate=rate,
@@ -235,7 +235,7 @@ def mixed_lengths(
     return Workload(
         name="mixed-lengths",
         description=(f"unique prompts, log-normal prompt (median {prompt_median:g}, sigma {prompt_sigma:g}) "
-                     f"and output (median {output_median:g}, sigma {output_sigma:g}) lengths, {rate:g} req/s"),
+                     f"and output (median {output_median:g}, sigma {output_sigma:g}) lengths, {rate:.1f} req/s"),
         requests=tuple(requests),
         duration=duration,
         rate=rate,
@@ -279,7 +279,7 @@ def lora(
         ))
     return Workload(
         name="lora",
-        description=f"{adapters} LoRA adapters, Zipf s={zipf_s}, {rate:g} req/s",
+        description=f"{adapters} LoRA adapters, Zipf s={zipf_s}, {rate:.1f} req/s",
         requests=tuple(requests),
         duration=duration,
         rate=rate,

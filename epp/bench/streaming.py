@@ -262,30 +262,35 @@ def run_streaming_bench(out_dir: Path, *, smoke: bool = False, settings: Setting
             asyncio.run(_drive(envoys[name].url, 16, 4, s.concurrency))
         idle = {which: _idle_rate(epp.process.pid, s.idle_window) for which, epp in epps.items()}
 
-        for name, _template, which in wanted:
-            pid = epps[which].process.pid
-            envoy = envoys[name]
-            for length in s.lengths:
-                n = s.requests_for(length)
-                runs: list[float] = []
-                msgs: list[float] = []
-                errors = 0
-                wall = 0.0
-                for _ in range(s.repeats):
+        # Repeats go round every cell in turn, so a change in the machine's load (other work on
+        # a shared machine) spreads over all cells instead of skewing one.
+        runs: dict[tuple[str, int], list[float]] = {}
+        msgs: dict[tuple[str, int], list[float]] = {}
+        errors: dict[tuple[str, int], int] = {}
+        wall: dict[tuple[str, int], float] = {}
+        for _ in range(s.repeats):
+            for name, _template, which in wanted:
+                pid = epps[which].process.pid
+                envoy = envoys[name]
+                for length in s.lengths:
+                    key = (name, length)
                     m0 = _extproc_messages(envoy.admin_port)
                     c0, t0 = process_cpu_seconds(pid), time.perf_counter()
-                    ok, err = asyncio.run(_drive(envoy.url, length, n, s.concurrency))
+                    ok, err = asyncio.run(_drive(envoy.url, length, s.requests_for(length), s.concurrency))
                     elapsed = time.perf_counter() - t0
                     cpu = process_cpu_seconds(pid) - c0 - idle[which] * elapsed
-                    errors += err
-                    wall += elapsed
+                    errors[key] = errors.get(key, 0) + err
+                    wall[key] = wall.get(key, 0.0) + elapsed
                     if ok:
-                        runs.append(max(0.0, cpu) / ok * 1e3)
-                        msgs.append((_extproc_messages(envoy.admin_port) - m0) / (ok + err))
-                cells.append(Cell(name, length, n * s.repeats, errors,
-                                  round(statistics.median(runs), 3) if runs else float("nan"),
-                                  [round(r, 3) for r in runs], None,
-                                  round(statistics.median(msgs), 1) if msgs else None, round(wall, 2)))
+                        runs.setdefault(key, []).append(max(0.0, cpu) / ok * 1e3)
+                        msgs.setdefault(key, []).append((_extproc_messages(envoy.admin_port) - m0) / (ok + err))
+        for name, _template, _which in wanted:
+            for length in s.lengths:
+                key = (name, length)
+                r, mm = runs.get(key, []), msgs.get(key, [])
+                cells.append(Cell(name, length, s.requests_for(length) * s.repeats, errors.get(key, 0),
+                                  round(statistics.median(r), 3) if r else float("nan"), [round(x, 3) for x in r],
+                                  None, round(statistics.median(mm), 1) if mm else None, round(wall.get(key, 0.0), 2)))
     for c in cells:
         base = next((b for b in cells if b.config == c.config and b.chunks == 0), None)
         if c.chunks and base is not None:

@@ -50,6 +50,7 @@ F_PADDED = 0x8
 F_PRIORITY = 0x20
 
 MAX_WINDOW = 2**31 - 1
+_HALF_WINDOW = MAX_WINDOW // 2
 DEFAULT_WINDOW = 65535
 OUR_MAX_FRAME = 1 << 20  # we accept 1 MiB frames: fewer frames for large bodies
 MAX_STREAMS = 100_000
@@ -64,7 +65,6 @@ HEALTH_WATCH = b"/grpc.health.v1.Health/Watch"
 GRPC_OK, GRPC_INVALID_ARGUMENT, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED, GRPC_INTERNAL = 0, 3, 8, 12, 13
 
 _HDR = struct.Struct(">BHBBI")  # 24-bit length as (high byte, low 16 bits), type, flags, stream id
-_GRPC_PREFIX = struct.Struct(">BI")  # compressed flag, message length
 
 
 def _echo_head(n: int) -> bytes:
@@ -146,7 +146,7 @@ class _Stream:
     """One HTTP/2 stream carrying one gRPC call."""
 
     __slots__ = ("conn", "sid", "buf", "send_window", "pending", "pending_trailers", "headers_sent",
-                 "local_closed", "remote_closed", "recv_unacked")
+                 "local_closed", "remote_closed", "recv_unacked", "echo")
 
     def __init__(self, conn: "_Connection", sid: int) -> None:
         self.conn = conn
@@ -159,6 +159,9 @@ class _Stream:
         self.local_closed = False
         self.remote_closed = False
         self.recv_unacked = 0
+        # True while every DATA frame is expected to be one response chunk to echo (full
+        # duplex, response headers answered): the frame loop then calls ``echo_frame``.
+        self.echo = False
 
     # --- input -----------------------------------------------------------------------------
     def on_data(self, data: bytes, end_stream: bool) -> None:
@@ -211,6 +214,7 @@ class _Stream:
         if self.local_closed:
             return
         self.local_closed = True
+        self.echo = False
         block = _trailers(status, message)
         if not self.headers_sent:
             self.headers_sent = True
@@ -237,43 +241,50 @@ class _ProcessStream(_Stream):
         service.active_streams += 1
         self.timer: asyncio.TimerHandle | None = conn.loop.call_later(service.settings.request_timeout, self._deadline)
 
-    def on_data(self, data: bytes, end_stream: bool) -> None:
-        # The per-token hot path (full duplex, a whole gRPC message in one DATA frame): decode
-        # the chunk by hand, let the state machine see it, and queue the echo as one DATA frame
-        # built from a cached header. Anything else takes the general path.
-        machine = self.machine
-        if (not end_stream and machine.state == RESPONSE_BODY and machine.resp_mode == FULL_DUPLEX
-                and not self.buf and not self.local_closed and self.headers_sent and len(data) > 5):
-            flag, size = _GRPC_PREFIX.unpack_from(data)
-            if flag == 0 and size == len(data) - 5:
-                parsed = parse_response_body(data, 5)
-                if parsed is not None:
-                    self._echo(*parsed)
-                    return
-        _Stream.on_data(self, data, end_stream)
-
-    def _echo(self, body: bytes, eos: bool) -> None:
-        out = self.machine.duplex_chunk(body, eos)
+    def echo_frame(self, payload: bytes) -> bool:
+        """The per-token hot path: one DATA frame (no flags) holding one whole gRPC message
+        with one response chunk, in full duplex. Decodes it by hand, lets the state machine
+        see the chunk and queues the echo as one DATA frame from a cached header. Returns
+        False, having done nothing, for anything else (the general path then takes it):
+        compressed or partial messages, other message kinds, the end of the response."""
+        n = len(payload)
+        if n <= 5 or payload[0] or int.from_bytes(payload[1:5], "big") != n - 5 or self.buf:
+            return False
+        parsed = parse_response_body(payload, 5)
+        if parsed is None or parsed[1]:
+            return False
+        conn = self.conn
+        # Flow control: we advertised huge windows; give credit back once half is used.
+        conn.recv_conn_unacked += n
+        if conn.recv_conn_unacked > _HALF_WINDOW:
+            conn.out.append(frame(WINDOW_UPDATE, 0, 0, conn.recv_conn_unacked.to_bytes(4, "big")))
+            conn.recv_conn_unacked = 0
+        self.recv_unacked += n
+        if self.recv_unacked > _HALF_WINDOW:
+            conn.out.append(frame(WINDOW_UPDATE, 0, self.sid, self.recv_unacked.to_bytes(4, "big")))
+            self.recv_unacked = 0
+        out = self.machine.duplex_chunk(parsed[0], False)
         if out.__class__ is not bytes:  # the chunk failed the stream: send its answers, end
+            self.echo = False
             for resp in out:  # type: ignore[union-attr]
                 self.send_message(serialize(resp))
             self.finish(GRPC_OK)
-            return
-        n = len(out)  # type: ignore[arg-type]
-        head = None if eos else _ECHO_HEADS.get(n)
+            return True
+        size = len(out)  # type: ignore[arg-type]
+        head = _ECHO_HEADS.get(size)
         if head is None:
-            if eos or n > _ECHO_HEAD_MAX_LEN or len(_ECHO_HEADS) >= _ECHO_HEADS_MAX:
-                self.send_message(streamed_response_chunk(out, eos))  # type: ignore[arg-type]
-                return
-            head = _ECHO_HEADS[n] = _echo_head(n)
-        size = len(head) + n
-        conn = self.conn
+            if size > _ECHO_HEAD_MAX_LEN or len(_ECHO_HEADS) >= _ECHO_HEADS_MAX:
+                self.send_message(streamed_response_chunk(out, False))  # type: ignore[arg-type]
+                return True
+            head = _ECHO_HEADS[size] = _echo_head(size)
+        size += len(head)
         if not self.pending and size <= self.send_window and size <= conn.send_conn_window and size <= conn.peer_max_frame:
             self.send_window -= size
             conn.send_conn_window -= size
             conn.out += (_HDR.pack(size >> 16, size & 0xFFFF, DATA, 0, self.sid), head, out)
         else:
-            self.send_message(streamed_response_chunk(out, eos))  # type: ignore[arg-type]
+            self.send_message(streamed_response_chunk(out, False))  # type: ignore[arg-type]
+        return True
 
     def on_message(self, raw: bytes) -> None:
         try:
@@ -290,6 +301,8 @@ class _ProcessStream(_Stream):
             self.send_message(serialize(resp))
         if machine.closed:
             self.finish(GRPC_OK)  # like returning from the handler after an ImmediateResponse
+        self.echo = (machine.state == RESPONSE_BODY and machine.resp_mode == FULL_DUPLEX
+                     and self.headers_sent and not self.local_closed)
 
     def _deadline(self) -> None:
         self.timer = None
@@ -398,6 +411,7 @@ class _Connection(asyncio.Protocol):
                 pos = len(PREFACE)
             end = len(src)
             unpack = _HDR.unpack_from
+            streams = self.streams
             copy = src is buf  # slices of the bytearray must not alias it
             while end - pos >= 9:
                 hi, lo, ftype, flags, sid = unpack(src, pos)
@@ -409,7 +423,12 @@ class _Connection(asyncio.Protocol):
                 payload = bytes(src[pos + 9:pos + 9 + length]) if copy else src[pos + 9:pos + 9 + length]
                 pos += 9 + length
                 if ftype == DATA and self.header_block is None:
-                    self._data(flags, sid & 0x7FFFFFFF, payload)
+                    sid &= 0x7FFFFFFF
+                    if not flags:
+                        st = streams.get(sid)
+                        if st is not None and st.echo and st.echo_frame(payload):  # type: ignore[attr-defined]
+                            continue
+                    self._data(flags, sid, payload)
                 else:
                     self._frame(ftype, flags, sid & 0x7FFFFFFF, payload)
             if copy:
@@ -491,14 +510,14 @@ class _Connection(asyncio.Protocol):
             payload = payload[1:n - payload[0]]
         # Flow control: we advertised huge windows; give credit back once half is used.
         self.recv_conn_unacked += n
-        if self.recv_conn_unacked > MAX_WINDOW // 2:
+        if self.recv_conn_unacked > _HALF_WINDOW:
             self.out.append(frame(WINDOW_UPDATE, 0, 0, self.recv_conn_unacked.to_bytes(4, "big")))
             self.recv_conn_unacked = 0
         st = self.streams.get(sid)
         if st is None:
             return  # a stream we already closed or reset: the data is dropped
         st.recv_unacked += n
-        if st.recv_unacked > MAX_WINDOW // 2:
+        if st.recv_unacked > _HALF_WINDOW:
             self.out.append(frame(WINDOW_UPDATE, 0, sid, st.recv_unacked.to_bytes(4, "big")))
             st.recv_unacked = 0
         st.on_data(payload, bool(flags & F_END_STREAM))

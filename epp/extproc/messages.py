@@ -178,12 +178,10 @@ def streamed_chunk_head(n: int, eos: bool, *, response: bool = True) -> tuple[by
     return head, _EOS_TRUE if eos else b""
 
 
-# ProcessingRequest fields Envoy may send next to a body (metadata_context = 8, attributes = 9:
-# length-delimited; observability_mode = 10: varint). The body itself: response_body = 5,
-# HttpBody.body = 1, HttpBody.end_of_stream = 2.
+# ProcessingRequest.response_body = 5 (length-delimited); inside, HttpBody.body = 1 and
+# HttpBody.end_of_stream = 2. Fields Envoy may send next to it: metadata_context = 8 and
+# attributes = 9 (length-delimited, tags 0x42/0x4A), observability_mode = 10 (varint, 0x50).
 _REQ_RESPONSE_BODY = 0x2A
-_SKIPPABLE_LEN = (0x42, 0x4A)
-_SKIPPABLE_VARINT = 0x50
 
 
 def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
@@ -208,17 +206,22 @@ def parse_response_body(raw: bytes, pos: int = 0) -> tuple[bytes, bool] | None:
     """``(body, end_of_stream)`` of a serialised ProcessingRequest carrying ``response_body``,
     decoded by hand (the per-token hot path: no message objects). Fields Envoy adds next to
     it (metadata, attributes, observability mode) are skipped without being decoded: the
-    response phase does not use them. Returns None for anything else
-    or anything unusual (other HttpBody fields, repeated fields, malformed bytes): the caller
-    then decodes the message with protobuf, which stays the authority."""
+    response phase does not use them. Returns None for anything else or anything unusual
+    (other HttpBody fields, repeated fields, malformed bytes): the caller then decodes the
+    message with protobuf, which stays the authority."""
     end = len(raw)
     try:
         if raw[pos] != _REQ_RESPONSE_BODY:
             return None
-        size = raw[pos + 1]  # one-byte varints inline: the common case by far
-        pos += 2
-        if size >= 0x80:
-            size, pos = _read_varint(raw, pos - 1)
+        # Varints of one or two bytes inline (a token chunk is 100-16000 bytes long).
+        size = raw[pos + 1]
+        if size < 0x80:
+            pos += 2
+        elif raw[pos + 2] < 0x80:
+            size = (size & 0x7F) | raw[pos + 2] << 7
+            pos += 3
+        else:
+            size, pos = _read_varint(raw, pos + 1)
         stop = pos + size
         if stop > end:
             return None
@@ -226,9 +229,13 @@ def parse_response_body(raw: bytes, pos: int = 0) -> tuple[bytes, bool] | None:
         eos = False
         if pos < stop and raw[pos] == 0x0A:
             n = raw[pos + 1]
-            pos += 2
-            if n >= 0x80:
-                n, pos = _read_varint(raw, pos - 1)
+            if n < 0x80:
+                pos += 2
+            elif raw[pos + 2] < 0x80:
+                n = (n & 0x7F) | raw[pos + 2] << 7
+                pos += 3
+            else:
+                n, pos = _read_varint(raw, pos + 1)
             if pos + n > stop:
                 return None
             body = raw[pos:pos + n]
@@ -240,10 +247,14 @@ def parse_response_body(raw: bytes, pos: int = 0) -> tuple[bytes, bool] | None:
             return None  # an HttpBody field we do not handle here
         while pos < end:
             tag = raw[pos]
-            if tag in _SKIPPABLE_LEN:
-                size, pos = _read_varint(raw, pos + 1)
-                pos += size
-            elif tag == _SKIPPABLE_VARINT:
+            if tag == 0x42 or tag == 0x4A:  # metadata_context, attributes: skipped whole
+                size = raw[pos + 1]
+                if size < 0x80:
+                    pos += 2 + size
+                else:
+                    size, pos = _read_varint(raw, pos + 1)
+                    pos += size
+            elif tag == 0x50:  # observability_mode
                 _, pos = _read_varint(raw, pos + 1)
             else:
                 return None

@@ -182,8 +182,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=duration, default=d.request_timeout, metavar="DURATION",
                    help="per-request deadline (default 5m, long generations stream for minutes; 0 = none)")
     g.add_argument("--response-body-policy", choices=RESPONSE_BODY_POLICIES, default=d.response_body_policy,
-                   help="which response bodies the EPP reads: always (usage for every answer), non-streaming "
-                        "(streamed answers skip the EPP: no token usage for them), never (default %(default)s)")
+                   help="which response bodies the EPP reads when Envoy lets it choose (envoy-efficient.yaml; "
+                        "no effect in full duplex or with response body NONE): always (token usage of every "
+                        "answer), non-streaming (SSE answers skip the EPP after their headers: no token usage "
+                        "for them), never (default %(default)s)")
 
     g = p.add_argument_group("runtime structure")
     g.add_argument("--extproc-core", choices=EXTPROC_CORES, default=None,

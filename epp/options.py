@@ -64,7 +64,10 @@ class ServeOptions:
     enable_debug_headers: bool = False
     max_request_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413
     request_timeout: float = 300.0  # per-request deadline in seconds; 0 = none
-    response_body_policy: ResponseBodyPolicy = "always"  # which response bodies the EPP reads
+    # Which response bodies the EPP reads, where Envoy lets it choose (request body not full
+    # duplex, response body STREAMED/BUFFERED, allow_mode_override: envoy-efficient.yaml).
+    # Other modes are unaffected: full duplex always sends every chunk, NONE never any.
+    response_body_policy: ResponseBodyPolicy = "non-streaming"
 
     # runtime structure (measured choices; see epp/extproc/README.md and epp/datalayer/README)
     extproc_core: str | None = None  # "fast" (our HTTP/2 core) | "grpcio" (grpc.aio); None = $EPP_EXTPROC_CORE or fast

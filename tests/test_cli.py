@@ -117,7 +117,7 @@ def test_serve_defaults_match_upstream(monkeypatch) -> None:
     assert o.secure_serving is True and o.cert_path is None
     assert (o.refresh_metrics_interval, o.refresh_prometheus_metrics_interval, o.metrics_staleness_threshold) == (0.05, 5.0, 2.0)
     assert (o.pool_name, o.pool_namespace, o.verbosity, o.bind_address) == ("", "default", 2, "0.0.0.0")
-    assert o.max_request_body_bytes == 16 * 1024 * 1024 and o.response_body_policy == "always"
+    assert o.max_request_body_bytes == 16 * 1024 * 1024 and o.response_body_policy == "non-streaming"
     assert o == ServeOptions(pool_namespace="default")  # the CLI and the dataclass agree on every default
 
 
@@ -139,7 +139,7 @@ def test_values_are_parsed() -> None:
         "--refresh-metrics-interval", "1m30s", "--metrics-staleness-threshold=250ms", "--request-timeout", "0",
         "--max-request-body-bytes", "512Ki", "--endpoint", "10.0.0.1:8000", "--endpoint=[::1]:8001",
         "--endpoints-file", "eps.yaml", "--pool-name", "vllm", "--pool-namespace", "ml", "--v=4",
-        "--zap-encoder", "json", "--response-body-policy", "non-streaming", "--enable-debug-headers",
+        "--zap-encoder", "json", "--response-body-policy", "always", "--enable-debug-headers",
         "--disable-endpoint-subset-filter=true", "--health-checking", "--cert-path", "/certs", "--enable-cert-reload",
     )
     assert (o.config_file, o.config_reload, o.grpc_port, o.bind_address) == ("x.yaml", True, 7000, "127.0.0.1")
@@ -147,7 +147,7 @@ def test_values_are_parsed() -> None:
     assert o.max_request_body_bytes == 512 * 1024
     assert o.endpoints == ["10.0.0.1:8000", "[::1]:8001"] and o.endpoints_file == "eps.yaml"
     assert (o.pool_name, o.pool_namespace, o.verbosity, o.log_format) == ("vllm", "ml", 4, "json")
-    assert (o.response_body_policy, o.enable_debug_headers, o.disable_endpoint_subset_filter) == ("non-streaming", True, True)
+    assert (o.response_body_policy, o.enable_debug_headers, o.disable_endpoint_subset_filter) == ("always", True, True)
     assert (o.health_checking, o.cert_path, o.enable_cert_reload) == (True, "/certs", True)
     assert options("-v", "3", "--grpc-host", "::1", "--log-format", "console").verbosity == 3
     assert options("--grpc-host", "::1").bind_address == "::1"

@@ -358,7 +358,8 @@ class RequestContext:
 
     def wants_response_body(self) -> bool:
         policy = self.director.options.response_body_policy
-        if policy == "always" or self.rt.streaming:  # streaming hooks need the chunks
+        # Streaming hooks need the chunks; a rewritten model must be restored in the body.
+        if policy == "always" or self.rt.streaming or self._reverse is not None:
             return True
         if policy == "never":
             return False
@@ -410,7 +411,8 @@ class RequestContext:
             elapsed = time.perf_counter() - self.started
             observe = deferred.observe
             observe(_REQ_DURATION(model, target), elapsed)
-            observe(_RESP_SIZES(model, target), resp.bytes)
+            if self._reader is not None:  # a body was seen (not: response body mode NONE)
+                observe(_RESP_SIZES(model, target), resp.bytes)
             usage = resp.usage
             if usage is not None:
                 if usage.prompt_tokens:

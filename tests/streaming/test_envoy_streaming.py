@@ -206,3 +206,20 @@ async def test_client_leaving_mid_stream_releases_the_request(stack, mode):
             r.close()  # leave: the connection closes mid-stream
         await eventually(lambda: running(epp, model) == 0.0, what="running requests back to 0")
         await producer_settles(session, epp, envoy.url, f"probe-leave-{mode}", busy=None)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+async def test_rewritten_model_is_restored_in_streamed_events(stack, mode):
+    """A rewritten model's answer is always read (whatever the policy) so the client sees the
+    name it asked for; only a response body mode of NONE (buffered) cannot restore it."""
+    _, envoy = stack[mode]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(envoy.url + "/v1/completions",
+                                headers={"x-gateway-model-name-rewrite": "served-model"},
+                                json={"model": f"alias-{mode}", "prompt": "hi", "stream": True, "max_tokens": 5}) as r:
+            assert r.status == 200
+            models = [json.loads(line[6:])["model"] async for line in r.content
+                      if line.startswith(b"data: {")]
+    assert len(models) == 6  # five tokens and the usage event
+    expected = "served-model" if MODES[mode].template == "envoy-buffered.yaml" else f"alias-{mode}"
+    assert set(models) == {expected}

@@ -32,7 +32,7 @@ from epp.bench import peers as peers_mod
 from epp.bench import report, stacks, workloads
 from epp.bench.capacity import saturation_capacity, simulate_round_robin
 from epp.bench.loadgen import RequestResult, run_workload
-from epp.bench.procs import ProcessGroup
+from epp.bench.procs import ProcessFailed, ProcessGroup
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 
@@ -390,7 +390,13 @@ def run_quality_bench(out_dir: str | Path, smoke: bool = False, *,
         for policy in policies:
             t = time.perf_counter()
             try:
-                outcome = run_one(policy, planned, s, out / "logs" / name / policy.name, installs)
+                try:
+                    outcome = run_one(policy, planned, s, out / "logs" / name / policy.name, installs)
+                except ProcessFailed as exc:
+                    # Usually a port taken by another process between our pick and the bind
+                    # (the peers need explicit ports); one retry with fresh ports.
+                    _say(f"  {policy.name}: start-up failed ({str(exc).splitlines()[0]}); retrying once")
+                    outcome = run_one(policy, planned, s, out / "logs" / name / policy.name, installs)
             except Exception as exc:  # noqa: BLE001 - one broken policy must not lose the others' results
                 entry["runs"][policy.name] = {"failed": f"{type(exc).__name__}: {exc}"[:2000]}
                 _say(f"  {policy.name}: FAILED: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")

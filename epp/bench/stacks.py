@@ -15,7 +15,9 @@ too (``epp sim ...``, ``epp serve ...``; here as ``python -m epp ...`` to pin th
 
 from __future__ import annotations
 
+import json
 import sys
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,22 +119,37 @@ class EnvoyHandle:
         return f"http://127.0.0.1:{self.listen_port}"
 
 
-def start_envoy(group: ProcessGroup, config: str | dict[str, Any], *, listen_port: int, admin_port: int,
-                name: str = "envoy", timeout: float = 30.0) -> EnvoyHandle:
+def start_envoy(group: ProcessGroup, config: str | dict[str, Any], *, name: str = "envoy",
+                timeout: float = 30.0) -> EnvoyHandle:
     """Run Envoy with ``config`` (YAML text or a dict); ready when the admin /ready says LIVE.
 
+    Give the listener and admin port 0: Envoy binds free ports itself and we read them back
+    (``--admin-address-path``, then the admin ``/listeners``), so no other process on a busy
+    machine can take a port between our choosing it and Envoy binding it.
     ``--disable-hot-restart`` lets several Envoys share the host without --base-id juggling.
     """
     text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
     path = group.log_dir / f"{name}.yaml"
     path.write_text(text)
+    admin_file = group.log_dir / f"{name}.admin"
+    admin_file.unlink(missing_ok=True)
     proc = group.start(name, [envoy_binary(), "-c", str(path), "--concurrency", "1", "--log-level", "warning",
-                              "--disable-hot-restart"])
-    group.wait_until(proc, lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready")
-                     and http_ok(f"http://127.0.0.1:{admin_port}/listeners"),
-                     timeout=timeout, what="ready (admin /ready)")
+                              "--disable-hot-restart", "--admin-address-path", str(admin_file)])
+
+    def admin_address() -> str:
+        try:
+            return admin_file.read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    group.wait_until(proc, lambda: bool(admin_address()), timeout=timeout, what="writing its admin address")
+    admin = admin_address()
+    group.wait_for_http(proc, f"http://{admin}/ready", timeout=timeout)
+    with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=5) as resp:  # noqa: S310
+        statuses = json.loads(resp.read())["listener_statuses"]
+    listen_port = int(statuses[0]["local_address"]["socket_address"]["port_value"])
     group.wait_for_tcp(proc, "127.0.0.1", listen_port, timeout=timeout)
-    return EnvoyHandle(proc, listen_port, admin_port, path)
+    return EnvoyHandle(proc, listen_port, int(admin.rsplit(":", 1)[1]), path)
 
 
 def start_envoy_template(group: ProcessGroup, template: str, *, backends: Sequence[str], epp_port: int | None = None,
@@ -143,12 +160,12 @@ def start_envoy_template(group: ProcessGroup, template: str, *, backends: Sequen
     fail-closed) and ``envoy-buffered.yaml`` (fail-open to round-robin over ``backends``) put the
     EPP on ``epp_port`` in front of them.
     """
-    listen_port, admin_port = free_port(), free_port()
+    values.setdefault("listen_port", 0)
+    values.setdefault("admin_port", 0)
     if epp_port is not None:
         values["epp_port"] = epp_port
-    text = render_envoy_config(template, listen_port=listen_port, admin_port=admin_port,
-                               fallback_endpoints=list(backends), **values)
-    return start_envoy(group, text, listen_port=listen_port, admin_port=admin_port, name=name, timeout=timeout)
+    text = render_envoy_config(template, fallback_endpoints=list(backends), **values)
+    return start_envoy(group, text, name=name, timeout=timeout)
 
 
 # -- peer routers --------------------------------------------------------------------------------

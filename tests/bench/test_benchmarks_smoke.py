@@ -60,3 +60,9 @@ def test_collector_smoke(tmp_path: Path) -> None:
     # An async entry point: the CLI must await it.
     bench(tmp_path, "collector")
     assert json.loads((tmp_path / "collector" / "result.json").read_text())["benchmark"] == "collector"
+
+
+def test_streaming_smoke(tmp_path: Path) -> None:
+    bench(tmp_path, "streaming")
+    assert any((tmp_path / "streaming").glob("*.json"))
+    assert any((tmp_path / "streaming").glob("*.md"))

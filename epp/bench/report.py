@@ -229,6 +229,33 @@ def summary_file(bench_dir: Path) -> Path | None:
 _IMG = re.compile(r"(!\[[^\]]*\]\()([^)/\s]+\.png)(\))")
 
 
+_HEADING = re.compile(r"^(#{1,6}) ")
+
+
+def _demote_headings(text: str, top: int) -> str:
+    """Shift Markdown headings so the section's highest one is level ``top`` (the page has the #).
+
+    Lines inside fenced code blocks (a YAML comment, a shell prompt) are not headings.
+    """
+    lines = text.split("\n")
+    fenced = False
+    heading_at: list[int] = []
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and _HEADING.match(line):
+            heading_at.append(i)
+    if not heading_at:
+        return text
+    shift = top - min(len(_HEADING.match(lines[i]).group(1)) for i in heading_at)  # type: ignore[union-attr]
+    if shift <= 0:
+        return text
+    for i in heading_at:
+        level = len(_HEADING.match(lines[i]).group(1))  # type: ignore[union-attr]
+        lines[i] = "#" * min(6, level + shift) + lines[i][level:]
+    return "\n".join(lines)
+
+
 def write_docs(out_dir: Path, docs_path: Path, *, machine: Mapping[str, Any] | None = None) -> Path:
     """Assemble ``docs_path`` from every ``<out_dir>/<bench>/summary.md``; copy their plots beside it.
 
@@ -259,6 +286,7 @@ def write_docs(out_dir: Path, docs_path: Path, *, machine: Mapping[str, Any] | N
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy2(png, dest / png.name)
         rel = os.path.relpath(dest, docs_path.parent)
+        text = _demote_headings(text, top=2)
         parts += [_IMG.sub(lambda mm: f"{mm.group(1)}{rel}/{mm.group(2)}{mm.group(3)}", text).rstrip(), ""]
     if missing:
         parts += ["## Not included", "", "No results were found for: " + ", ".join(f"`{b}`" for b in missing) + ".", ""]

@@ -56,12 +56,13 @@ def test_write_docs_assembles_sections_and_copies_plots(tmp_path: Path) -> None:
     (out / "quality" / "summary.md").write_text("## Quality\n\n![cdf](q.png)\n")
     (out / "quality" / "q.png").write_bytes(PNG_MAGIC)
     (out / "scheduler").mkdir()
-    (out / "scheduler" / "scheduler.md").write_text("## Scheduler\n")
+    (out / "scheduler" / "scheduler.md").write_text("# Scheduler\n\n```yaml\n# not a heading\n```\n\n## Detail\n")
     docs = tmp_path / "docs" / "benchmarks.md"
     report.write_docs(out, docs, machine={"cpu": "TestCPU", "logical_cpus": 2})
     text = docs.read_text()
     assert "TestCPU, 2 logical CPUs" in text
-    assert text.index("## Quality") < text.index("## Scheduler")
+    assert text.index("## Quality") < text.index("\n## Scheduler\n") < text.index("\n### Detail\n")
+    assert "\n# not a heading\n" in text
     assert "![cdf](benchmarks/quality/q.png)" in text
     assert (tmp_path / "docs" / "benchmarks" / "quality" / "q.png").read_bytes() == PNG_MAGIC
     assert "No results were found for: `overhead`, `collector`, `streaming`." in text

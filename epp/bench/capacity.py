@@ -41,6 +41,20 @@ def _prompt_ids(req: BenchRequest) -> list[int]:
     return tokenize(text)
 
 
+def _sim_requests(requests: Sequence[BenchRequest], cfg: SimConfig) -> list[SimRequest]:
+    base = cfg.served_name
+    out = []
+    for i, r in enumerate(requests):
+        ids = _prompt_ids(r)
+        is_lora = r.model in cfg.lora_adapters
+        out.append(SimRequest(
+            rid=str(i), model=r.model, lora=r.model if is_lora else None, prompt_len=len(ids),
+            block_hashes=block_hashes(ids, cfg.block_size, r.model if is_lora else base),
+            max_tokens=r.max_tokens, target_len=r.max_tokens, arrival=r.at,
+        ))
+    return out
+
+
 def saturation_capacity(requests: Sequence[BenchRequest], config: SimConfig | None = None, *,
                         lora_adapters: Sequence[str] = ()) -> Capacity:
     """Saturation throughput of one sim server for this request mix (model seconds).
@@ -52,20 +66,9 @@ def saturation_capacity(requests: Sequence[BenchRequest], config: SimConfig | No
         raise ValueError("no requests to calibrate with")
     cfg = config or SimConfig(lora_adapters=tuple(lora_adapters))
     sched = Scheduler(cfg)
-    base = cfg.served_name
-    for i, r in enumerate(requests):
-        ids = _prompt_ids(r)
-        is_lora = r.model in cfg.lora_adapters
-        sched.add(SimRequest(
-            rid=str(i),
-            model=r.model,
-            lora=r.model if is_lora else None,
-            prompt_len=len(ids),
-            block_hashes=block_hashes(ids, cfg.block_size, r.model if is_lora else base),
-            max_tokens=r.max_tokens,
-            target_len=r.max_tokens,
-            arrival=0.0,
-        ))
+    for req in _sim_requests(requests, cfg):
+        req.arrival = 0.0  # all queued at once: saturation
+        sched.add(req)
     n = len(requests)
     lo_mark, hi_mark = max(1, n // 5), max(2, (4 * n) // 5)
     t_lo = t_hi = 0.0
@@ -94,20 +97,6 @@ def saturation_capacity(requests: Sequence[BenchRequest], config: SimConfig | No
         simulated_requests=n,
         model_seconds=now,
     )
-
-
-def _sim_requests(requests: Sequence[BenchRequest], cfg: SimConfig) -> list[SimRequest]:
-    base = cfg.served_name
-    out = []
-    for i, r in enumerate(requests):
-        ids = _prompt_ids(r)
-        is_lora = r.model in cfg.lora_adapters
-        out.append(SimRequest(
-            rid=str(i), model=r.model, lora=r.model if is_lora else None, prompt_len=len(ids),
-            block_hashes=block_hashes(ids, cfg.block_size, r.model if is_lora else base),
-            max_tokens=r.max_tokens, target_len=r.max_tokens, arrival=r.at,
-        ))
-    return out
 
 
 def simulate_round_robin(requests: Sequence[BenchRequest], servers: int, config: SimConfig | None = None, *,

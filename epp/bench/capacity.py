@@ -124,11 +124,17 @@ def simulate_round_robin(requests: Sequence[BenchRequest], servers: int, config:
         if t_arrival == math.inf and t_step == math.inf:
             break
         if t_arrival <= t_step:
-            k = nxt % servers
-            scheds[k].add(reqs[nxt])
-            nxt += 1
-            if steps[k] is None:
-                start(k, t_arrival)
+            # Everything arriving at this instant is queued before an idle server starts a
+            # step, as the real engine batches requests that arrive together.
+            touched = set()
+            while nxt < len(reqs) and reqs[nxt].arrival == t_arrival:
+                k = nxt % servers
+                scheds[k].add(reqs[nxt])
+                touched.add(k)
+                nxt += 1
+            for k in sorted(touched):
+                if steps[k] is None:
+                    start(k, t_arrival)
         else:
             end, step = steps[k_step]  # type: ignore[misc]
             scheds[k_step].complete(step, end)

@@ -117,3 +117,24 @@ def test_capacity_sees_prefix_reuse_and_lora_costs() -> None:
             > saturation_capacity(many.requests, lora_adapters=many.lora_adapters).requests_per_s)
     with pytest.raises(ValueError, match="no requests"):
         saturation_capacity(())
+
+
+def test_round_robin_replay_follows_the_step_cost_model() -> None:
+    from epp.bench.capacity import simulate_round_robin
+
+    cfg = SimConfig(jitter=0.0)
+    prompt = w.text_of_tokens(random.Random(0), 512)
+
+    def req(i: int, at: float) -> w.BenchRequest:
+        return w.BenchRequest(index=i, at=at, api="completions", model=w.DEFAULT_MODEL, max_tokens=4,
+                              prompt_tokens=512, prompt=f"{i:04d}" + prompt[4:])
+
+    alone = cfg.c_step + cfg.c_pf * 512  # one prefill step, then the first token
+    # Far apart: each request finds an idle server.
+    spaced = simulate_round_robin([req(i, 10.0 * i) for i in range(4)], 2, cfg)
+    assert spaced == pytest.approx([alone] * 4)
+    # Two at once on two servers: round-robin gives each its own server, so no one waits.
+    assert simulate_round_robin([req(0, 0.0), req(1, 0.0)], 2, cfg) == pytest.approx([alone] * 2)
+    # Two at once on one server: they share the prefill step (1024 tokens fit the 2048 budget).
+    both = cfg.c_step + cfg.c_pf * 1024
+    assert simulate_round_robin([req(0, 0.0), req(1, 0.0)], 1, cfg) == pytest.approx([both] * 2)

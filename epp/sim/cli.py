@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 import sys
 from collections.abc import Callable
@@ -70,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-load-ms", type=float, default=d.lora_load_s * 1e3,
                       help="cost of loading an adapter into a slot")
 
+    parser.add_argument("--name", type=_csv(str), default=[],
+                        help="comma-separated server names, one per port (default sim-0..N-1); shown in the "
+                             "x-sim-server response header and the ready line")
+
     time_ = parser.add_argument_group("time and heterogeneity")
     time_.add_argument("--time-scale", type=float, default=d.time_scale,
                        help="wall seconds per model second (0.1 runs 10x faster)")
@@ -112,6 +117,10 @@ def build_fleet(args: argparse.Namespace) -> SimFleet:
         engine_flavor=args.engine_flavor,
     )
     configs = fleet_configs(base, len(ports), args.speed)
+    if args.name:
+        if len(args.name) != len(configs):
+            raise ValueError(f"got {len(args.name)} names for {len(configs)} servers")
+        configs = [dataclasses.replace(c, name=n) for c, n in zip(configs, args.name)]
     return SimFleet(ports, host=args.host, configs=configs)
 
 

@@ -114,3 +114,10 @@ async def test_port_in_use_fails_cleanly() -> None:
         with pytest.raises(OSError):
             await clash.start()
         assert not any(s.engine.is_running for s in clash.servers)
+
+
+def test_names_flag_names_each_server_and_must_match_the_port_count():
+    fleet = build_fleet(parse("--ports", "0,0", "--name", "vllm-mock-1,vllm-mock-2"))
+    assert [s.name for s in fleet.servers] == ["vllm-mock-1", "vllm-mock-2"]
+    with pytest.raises(ValueError, match="2 names for 3 servers"):
+        build_fleet(parse("--ports", "0,0,0", "--name", "a,b"))

@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/epp demo $(DEMO_ARGS)
 
 bench: $(STAMP)
-	$(VENV)/bin/epp bench all $(BENCH_ARGS)
+	$(VENV)/bin/epp bench all --docs docs/benchmarks.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -63,37 +63,43 @@ def _routing_common(set_headers: list[tuple[str, str]], body: bytes | None = Non
     return common
 
 
-_ROUTE_CACHE: dict[str, bytes] = {}
+_ROUTE_CACHE: dict[tuple[bool, str], bytes] = {}
 _ROUTE_CACHE_MAX = 4096
 
 
-def route_in_headers(set_headers: list[tuple[str, str]], dest: str) -> pb.ProcessingResponse | bytes:
-    """The pick as the answer to request headers (full duplex, or a header-only request).
-
-    When the only header is the destination (the common case) the serialised answer is
-    cached per destination: the pool is small, the message is the same every time.
-    """
-    plain = len(set_headers) == 1
+def _cached_route(in_headers: bool, set_headers: list[tuple[str, str]], dest: str,
+                  body: bytes | None = None) -> pb.ProcessingResponse | bytes:
+    """The routing answer; when the only header is the destination and the body is kept
+    (the common case) its serialised form is cached per destination: the pool is small and
+    the message is the same every time."""
+    plain = len(set_headers) == 1 and body is None
+    key = (in_headers, dest)
     if plain:
-        cached = _ROUTE_CACHE.get(dest)
+        cached = _ROUTE_CACHE.get(key)
         if cached is not None:
             return cached
-    resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=_routing_common(set_headers)),
-                                 dynamic_metadata=lb_metadata(dest))
+    common = _routing_common(set_headers, body)
+    resp = (pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=lb_metadata(dest))
+            if in_headers else
+            pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=lb_metadata(dest)))
     if not plain:
         return resp
     data = resp.SerializeToString(deterministic=True)
     if len(_ROUTE_CACHE) >= _ROUTE_CACHE_MAX:
         _ROUTE_CACHE.clear()
-    _ROUTE_CACHE[dest] = data
+    _ROUTE_CACHE[key] = data
     return data
 
 
-def route_in_body(set_headers: list[tuple[str, str]], dest: str, body: bytes | None) -> pb.ProcessingResponse:
+def route_in_headers(set_headers: list[tuple[str, str]], dest: str) -> pb.ProcessingResponse | bytes:
+    """The pick as the answer to request headers (full duplex, or a header-only request)."""
+    return _cached_route(True, set_headers, dest)
+
+
+def route_in_body(set_headers: list[tuple[str, str]], dest: str, body: bytes | None) -> pb.ProcessingResponse | bytes:
     """The pick as the answer to the (buffered) request body: Envoy still holds the headers
     and applies this header mutation to them. ``body`` replaces the body when given."""
-    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=_routing_common(set_headers, body)),
-                                 dynamic_metadata=lb_metadata(dest))
+    return _cached_route(False, set_headers, dest, body)
 
 
 def streamed_request_body(data: bytes, end_of_stream: bool) -> list[bytes]:
@@ -275,9 +281,17 @@ def replaced_response_body(data: bytes) -> pb.ProcessingResponse:
         body_mutation=pb.BodyMutation(body=data))))
 
 
-def response_headers(added: Mapping[str, str], *, body_mode_override: int | None = None) -> pb.ProcessingResponse:
-    if not added and body_mode_override is None:
-        return EMPTY_RESPONSE_HEADERS
+_SKIP_RESPONSE_BODY = pb.ProcessingResponse(response_headers=pb.HeadersResponse(),
+                                            mode_override=Mode(response_body_mode=NONE)).SerializeToString()
+
+
+def response_headers(added: Mapping[str, str], *,
+                     body_mode_override: int | None = None) -> pb.ProcessingResponse | bytes:
+    if not added:
+        if body_mode_override is None:
+            return EMPTY_RESPONSE_HEADERS
+        if body_mode_override == NONE:
+            return _SKIP_RESPONSE_BODY  # the efficient mode's answer to most streamed responses
     resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
         header_mutation=pb.HeaderMutation(set_headers=header_options(added.items())))))
     if body_mode_override is not None:

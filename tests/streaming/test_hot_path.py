@@ -251,3 +251,20 @@ def test_chunk_frames_split_across_reads_are_echoed_whole(monkeypatch):
         assert epp.wait_idle()
     assert director.in_flight == 0
     assert recorder.of("complete")[0][2][0] == "complete"
+
+
+def test_cached_efficient_mode_answers_are_the_protobuf_ones():
+    dest = "10.9.8.7:8000"
+    expected = pb.ProcessingResponse(request_body=pb.BodyResponse(response=msg._routing_common([(msg.DEST_HEADER, dest)])),
+                                     dynamic_metadata=msg.lb_metadata(dest))
+    first = msg.route_in_body([(msg.DEST_HEADER, dest)], dest, None)
+    assert msg.route_in_body([(msg.DEST_HEADER, dest)], dest, None) is first  # cached
+    assert pb.ProcessingResponse.FromString(first) == expected
+    assert msg.route_in_headers([(msg.DEST_HEADER, dest)], dest) != first  # the headers answer is its own
+    replaced = msg.route_in_body([(msg.DEST_HEADER, dest), ("content-length", "3")], dest, b"abc")
+    assert isinstance(replaced, pb.ProcessingResponse) and replaced.request_body.response.body_mutation.body == b"abc"
+    skip = pb.ProcessingResponse.FromString(msg.response_headers({}, body_mode_override=msg.NONE))
+    assert skip.HasField("response_headers") and skip.mode_override.response_body_mode == msg.NONE
+    with_header = msg.response_headers({"x-session-token": "t"}, body_mode_override=msg.NONE)
+    assert with_header.mode_override.response_body_mode == msg.NONE
+    assert with_header.response_headers.response.header_mutation.set_headers[0].header.key == "x-session-token"

@@ -26,7 +26,8 @@ from epp.extproc.grpcserver import GrpcServers, PortInUseError, start_grpc_serve
 from epp.extproc.health import HealthService
 from epp.extproc.service import ExtProcService
 from epp.extproc.stream import StreamSettings
-from epp.framework.plugin import Plugin, RuntimeSettings
+from epp.framework.handle import PluginHandle, logging_warn
+from epp.framework.plugin import RuntimeSettings
 from epp.observability import deferred
 from epp.observability import metrics as m
 from epp.observability.httpserver import DebugState, start_http_server
@@ -40,34 +41,8 @@ EXIT_CONFIG = 2
 EXIT_STARTUP = 1
 
 
-class _Handle:
-    """The Handle plugins get in ``start()``: every plugin exists by then."""
-
-    def __init__(self, config: LoadedConfig, pool: EndpointPool, settings: RuntimeSettings) -> None:
-        self._config = config
-        self._pool = pool
-        self._settings = settings
-
-    def plugin(self, name: str) -> Plugin:
-        return self._config.plugins[name]
-
-    def plugins(self) -> list[Plugin]:
-        return list(self._config.plugins.values())
-
-    @property
-    def pool(self) -> EndpointPool:
-        return self._pool
-
-    @property
-    def settings(self) -> RuntimeSettings:
-        return self._settings
-
-    def warn(self, message: str) -> None:
-        log.warning("%s", message)
-
-
 async def _start_plugins(config: LoadedConfig, pool: EndpointPool, settings: RuntimeSettings) -> None:
-    handle = _Handle(config, pool, settings)
+    handle = PluginHandle(config.plugins, pool=pool, settings=settings, warn=logging_warn)
     for plugin in config.plugins.values():
         await plugin.start(handle)
 
@@ -98,7 +73,7 @@ def _make_collector(options: ServeOptions, pool: EndpointPool, config: LoadedCon
 
     # --collector-mode: "process" (the data layer's default: scraping off the serving loop)
     # or "inprocess".
-    mode = getattr(options, "collector_mode", None) or "process"
+    mode = options.collector_mode or "process"
     return make_collector(mode, pool, config.sources, interval=options.refresh_metrics_interval)
 
 

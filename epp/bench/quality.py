@@ -9,6 +9,7 @@ request stream is replayed through it:
     (c) epp-default             Envoy + EPP, built-in default profile (queue x2, KV x2, prefix x3)
     (d) epp-seed                Envoy + EPP, config/seed-pipeline.yaml
         epp-inflight            extra: the default profile + the EPP's own in-flight counts
+        epp-ttft                extra: epp-inflight + the prefill backlog awaiting a first token
     (e) vllm-router-*, smg-*    peer routers from PyPI (separate venv), when installable
 
 The offered load is a fixed fraction of fleet capacity computed from the sim's own physics
@@ -55,6 +56,8 @@ POLICIES: tuple[Policy, ...] = (
            epp_config="seed-pipeline.yaml"),
     Policy("epp-inflight", "epp", "Envoy + EPP, default profile + active-request-scorer (the EPP's own in-flight "
            "counts; an extra policy, not one of issue 7's)", epp_config="inflight-aware.yaml"),
+    Policy("epp-ttft", "epp", "Envoy + EPP, in-flight profile + prefill-backlog-scorer (uncached prompt tokens "
+           "routed and awaiting a first token; an extra policy)", epp_config="ttft-aware.yaml"),
     *(Policy(f"{spec.name}-{pol}", "peer", f"{spec.name} {spec.requirement.split('==')[-1]}, --policy {pol}",
              peer=spec.name, peer_policy=pol)
       for spec in peers_mod.PEERS.values() for pol in spec.policies),
@@ -71,8 +74,8 @@ TARGETS = {
     "shared-prefix": "TTFT p90 at least 3x better than envoy-round-robin and no worse than the best peer policy",
     "mixed-lengths": "TTFT p90 at least 1.5x better than envoy-round-robin",
 }
-EPP_SMART = ("epp-default", "epp-seed", "epp-inflight")
-EXTRA_POLICIES = ("epp-inflight",)  # beyond issue 7's list; shown, but marked as extra
+EPP_SMART = ("epp-default", "epp-seed", "epp-inflight", "epp-ttft")
+EXTRA_POLICIES = ("epp-inflight", "epp-ttft")  # beyond issue 7's list; shown, but marked as extra
 
 
 @dataclass

@@ -29,7 +29,7 @@ from epp.framework.types import Candidate
 from epp.observability import deferred
 from epp.scheduling.admission import LegacyAdmission
 from epp.scheduling.gctuning import restore_gc, tune_gc_for_serving
-from epp.scheduling.handle import SimpleHandle
+from epp.framework.handle import PluginHandle
 from epp.scheduling.profile import SchedulingProfile, WeightedScorer
 from epp.scheduling.scheduler import Scheduler
 
@@ -46,7 +46,7 @@ class DefaultPipeline:
     """The default configuration's request path, wired by hand (no config file, no server)."""
 
     def __init__(self, pool: EndpointPool) -> None:
-        h = SimpleHandle(pool=pool)
+        h = PluginHandle(pool=pool)
         self.pool = pool
         self.parser = h.create("openai-parser")
         self.producer = h.create("approx-prefix-cache-producer")

@@ -47,6 +47,7 @@ from epp.datalayer.collector import (
 )
 from epp.datalayer.endpoint import Endpoint, EndpointMetadata, Metrics
 from epp.datalayer.pool import EndpointPool
+from epp.framework.handle import PluginHandle, logging_warn
 from epp.framework.plugin import Plugin, RuntimeSettings
 
 if TYPE_CHECKING:
@@ -478,33 +479,6 @@ class _ForwardLogs(logging.Handler):
             pass
 
 
-class _ChildHandle:
-    def __init__(self, pool: EndpointPool, plugins: list[Plugin], interval: float) -> None:
-        self._pool = pool
-        self._plugins = plugins
-        self._settings = RuntimeSettings(refresh_metrics_interval=interval, pool_name=pool.name)
-
-    def plugin(self, name: str) -> Plugin:
-        for p in self._plugins:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
-    def plugins(self) -> list[Plugin]:
-        return list(self._plugins)
-
-    @property
-    def pool(self) -> EndpointPool:
-        return self._pool
-
-    @property
-    def settings(self) -> RuntimeSettings:
-        return self._settings
-
-    def warn(self, message: str) -> None:
-        log.warning("%s", message)
-
-
 async def _child(fds: _FdPair, payload: bytes, options: dict[str, Any], level: int) -> None:
     reader, _, writer = await _open_pipes(fds.read_fd, fds.write_fd)
     pool = EndpointPool(options["pool_name"])
@@ -528,7 +502,8 @@ async def _child(fds: _FdPair, payload: bytes, options: dict[str, Any], level: i
             for p in (w.source, *w.extractors):
                 if p not in plugins:
                     plugins.append(p)
-        handle = _ChildHandle(pool, plugins, options["interval"])
+        settings = RuntimeSettings(refresh_metrics_interval=options["interval"], pool_name=pool.name)
+        handle = PluginHandle(plugins, pool=pool, settings=settings, warn=logging_warn)
         for p in plugins:
             await p.start(handle)
         collector = Collector(pool, wirings, interval=options["interval"], timeout=options["timeout"],

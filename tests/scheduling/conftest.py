@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from epp.scheduling.handle import SimpleHandle
+from epp.framework.handle import PluginHandle
 
 
 @pytest.fixture
-def handle() -> SimpleHandle:
-    return SimpleHandle()
+def handle() -> PluginHandle:
+    return PluginHandle()

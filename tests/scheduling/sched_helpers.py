@@ -8,7 +8,7 @@ import plugins  # noqa: F401  (registers the built-ins)
 from epp.datalayer.endpoint import Endpoint, EndpointMetadata, Metrics, now
 from epp.framework.scheduling import CycleState
 from epp.framework.types import Candidate, InferenceRequest
-from epp.scheduling.handle import SimpleHandle
+from epp.framework.handle import PluginHandle
 
 
 def endpoint(address: str = "10.0.0.1", port: int = 8000, *, labels: dict[str, str] | None = None,
@@ -37,6 +37,6 @@ def cycle() -> CycleState:
     return CycleState()
 
 
-def make(type_name: str, params: Any = None, name: str | None = None, h: SimpleHandle | None = None) -> Any:
+def make(type_name: str, params: Any = None, name: str | None = None, h: PluginHandle | None = None) -> Any:
     """A plugin built by the registry's factory, as the config loader builds it."""
-    return (h or SimpleHandle()).create(type_name, name, params)
+    return (h or PluginHandle()).create(type_name, name, params)

@@ -8,7 +8,7 @@ from epp.datalayer.endpoint import EndpointMetadata
 from epp.datalayer.pool import EndpointPool
 from epp.framework.scheduling import ProfileResult, SchedulingResult
 from epp.framework.types import Candidate, InferenceResponse
-from epp.scheduling.handle import SimpleHandle
+from epp.framework.handle import PluginHandle
 from plugins.requestcontrol.data import INFLIGHT_LOAD_KEY, PREFIX_CACHE_MATCH_INFO_KEY, InFlightLoad, PrefixCacheMatchInfo
 from plugins.requestcontrol.inflight import InflightTracker
 
@@ -67,7 +67,7 @@ def test_leaked_bookings_are_swept() -> None:
 async def test_removed_endpoint_forgotten() -> None:
     pool = EndpointPool()
     pool.sync([EndpointMetadata("10.0.0.1", 8000)])
-    h = SimpleHandle(pool=pool)
+    h = PluginHandle(pool=pool)
     p = h.create("inflight-load-producer")
     await p.start(h)
     (ep,) = pool.endpoints()

@@ -15,7 +15,7 @@ from epp.framework import ParameterError
 from epp.framework.scheduling import ProfileResult, SchedulingResult
 from epp.observability import deferred
 from epp.observability.metrics import REGISTRY
-from epp.scheduling.handle import SimpleHandle
+from epp.framework.handle import PluginHandle
 from plugins.requestcontrol.data import PREFIX_CACHE_MATCH_INFO_KEY
 from plugins.requestcontrol.prefix_index import PrefixIndex
 
@@ -135,7 +135,7 @@ def test_prefill_profile_target_is_indexed_too() -> None:
 async def test_removed_endpoints_are_purged() -> None:
     pool = EndpointPool()
     pool.sync([EndpointMetadata("10.0.0.1", 8000), EndpointMetadata("10.0.0.2", 8000)])
-    h = SimpleHandle(pool=pool)
+    h = PluginHandle(pool=pool)
     p = h.create("approx-prefix-cache-producer", params={"blockSizeTokens": BLOCK_TOKENS})
     await p.start(h)
     from epp.framework.types import Candidate

@@ -7,7 +7,7 @@ from sched_helpers import cand, make, request
 
 from epp.framework.scheduling import ProfileResult
 from epp.scheduling import Scheduler, SchedulingError, SchedulingProfile, WeightedScorer
-from epp.scheduling.handle import SimpleHandle
+from epp.framework.handle import PluginHandle
 
 
 def prof(name: str, *filters) -> SchedulingProfile:
@@ -27,7 +27,7 @@ def test_single_profile_handler() -> None:
 
 
 def disagg(nontokens: int = 16):
-    h = SimpleHandle()
+    h = PluginHandle()
     h.create("prefix-based-pd-decider", params={"nonCachedTokens": nontokens})
     handler = h.create("disagg-profile-handler", params={"deciders": {"prefill": "prefix-based-pd-decider"}})
     profiles = {"prefill": prof("prefill", make("prefill-filter")), "decode": prof("decode", make("decode-filter"))}
@@ -58,7 +58,7 @@ def test_disagg_falls_back_to_decode_alone_when_prefill_fails() -> None:
 
 
 async def test_disagg_decider_errors() -> None:
-    h = SimpleHandle()
+    h = PluginHandle()
     handler = h.create("disagg-profile-handler", params={"deciders": {"prefill": "later"}})
     with pytest.raises(ValueError, match="'later' is not a configured plugin"):
         await handler.start(h)

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 PREFIX_CACHE_MATCH_INFO_KEY = "PrefixCacheMatchInfoKey"
 INFLIGHT_LOAD_KEY = "InFlightLoadKey"
+# Our own key (no upstream equivalent): requests routed to an endpoint still waiting for their
+# first generated token, and their uncached prompt tokens (an ``InFlightLoad`` record).
+PREFILL_BACKLOG_KEY = "PrefillBacklogKey"
 
 
 class PrefixRequestState:

@@ -6,7 +6,9 @@ release happens exactly once whatever the outcome (complete, error, disconnect) 
 release for a request never booked is a no-op. Entries whose release never came (a bug
 elsewhere) are swept after ``request_timeout`` so counts cannot leak forever.
 
-``inflight-load-producer`` exposes the counts to scorers through ``Candidate.data``.
+``inflight-load-producer`` exposes the counts to scorers through ``Candidate.data``;
+``prefill-backlog-producer`` uses a second tracker whose bookings end at the first generated
+token, so it counts prefill work still queued rather than requests still running.
 """
 
 from __future__ import annotations
@@ -15,13 +17,22 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from epp.framework import DataProducer, Duration, PreRequest, ResponseComplete, register, registry
+from epp.framework import (
+    DataProducer,
+    Duration,
+    PreRequest,
+    ResponseComplete,
+    ResponseStreaming,
+    register,
+    registry,
+)
 from epp.framework.plugin import Handle
 from epp.framework.scheduling import CycleState, SchedulingResult
 from epp.framework.types import Candidate, InferenceRequest, InferenceResponse
 from plugins.requestcontrol.data import (
     INFLIGHT_LOAD_KEY,
     NO_INFLIGHT,
+    PREFILL_BACKLOG_KEY,
     PREFIX_CACHE_MATCH_INFO_KEY,
     InFlightLoad,
     PrefixCacheMatchInfo,
@@ -73,6 +84,9 @@ class InflightTracker:
     def in_flight(self) -> int:
         """Number of booked requests."""
         return len(self._booked)
+
+    def is_booked(self, request_id: str) -> bool:
+        return request_id in self._booked
 
     def book(self, request_id: str, bookings: Sequence[tuple[str, int]]) -> None:
         if not bookings:
@@ -186,3 +200,63 @@ class InflightLoadProducer(InflightHooks, DataProducer):
 
 
 registry.register_default_producer(INFLIGHT_LOAD_KEY, "inflight-load-producer")
+
+
+# Markers of a streamed chunk that carries generated text: chat ``delta.content`` (also
+# ``reasoning_content``) or completions ``text``. A chat stream opens with a role-only chunk
+# whose content is "" (or null), which must not count as the first token.
+_TEXT_MARKERS = (b'content":', b'"text":')
+
+
+def carries_generated_text(chunk: bytes) -> bool:
+    """Whether a response body chunk holds a non-empty generated string (cheap byte scan)."""
+    for marker in _TEXT_MARKERS:
+        find = chunk.find
+        at = find(marker)
+        while at >= 0:
+            i = at + len(marker)
+            while i < len(chunk) and chunk[i] == 0x20:  # tolerate `"content": "x"`
+                i += 1
+            # A non-empty JSON string: an opening quote not immediately closed.
+            if chunk[i:i + 1] == b'"' and chunk[i + 1:i + 2] not in (b'"', b''):
+                return True
+            at = find(marker, i)
+    return False
+
+
+@register("prefill-backlog-producer")
+class PrefillBacklogProducer(InflightHooks, ResponseStreaming, DataProducer):
+    """Per endpoint: requests this EPP routed there that have not produced a token yet, and
+    their uncached prompt tokens -- the prefill work queued ahead of a new request.
+
+    Booked at PreRequest (``estimate_tokens``: the prefix-cache match is already subtracted),
+    released at the first chunk carrying generated text, or at ResponseComplete (non-streamed
+    responses, errors, disconnects), whichever comes first; the tracker releases exactly once.
+    After the release the per-chunk hook is one dict lookup.
+    """
+
+    Params = InflightParams
+    produces = frozenset({PREFILL_BACKLOG_KEY})
+
+    def __init__(self, name: str | None = None, params: InflightParams | None = None) -> None:
+        super().__init__(name, params)
+        self.tracker = InflightTracker(float(self.params.requestTimeout))
+
+    def response_streaming(self, request: InferenceRequest, response: InferenceResponse, chunk: bytes,
+                           target: str) -> None:
+        rid = request.request_id
+        if self.tracker.is_booked(rid) and carries_generated_text(chunk):
+            self.tracker.release(rid)
+
+    def produce(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Candidate]) -> None:
+        key = PREFILL_BACKLOG_KEY
+        if not self.tracker.in_flight():
+            for c in candidates:
+                c.data[key] = NO_INFLIGHT
+            return
+        load = self.tracker.load
+        for c in candidates:
+            c.data[key] = load(c.key)
+
+
+registry.register_default_producer(PREFILL_BACKLOG_KEY, "prefill-backlog-producer")

@@ -191,12 +191,17 @@ _REQ_RESPONSE_BODY = 0x2A
 
 
 def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
-    """(value, next position); raises IndexError on truncation."""
+    """(value, next position); raises IndexError on truncation. One- and two-byte values
+    (every length in a token chunk's message) return without looping."""
     b = raw[pos]
     if b < 0x80:
         return b, pos + 1
-    value = b & 0x7F
-    shift = 7
+    b2 = raw[pos + 1]
+    if b2 < 0x80:
+        return (b & 0x7F) | b2 << 7, pos + 2
+    value = (b & 0x7F) | (b2 & 0x7F) << 7
+    shift = 14
+    pos += 1
     while True:
         pos += 1
         b = raw[pos]
@@ -219,29 +224,14 @@ def parse_response_body(raw: bytes, pos: int = 0) -> tuple[bytes, bool] | None:
     try:
         if raw[pos] != _REQ_RESPONSE_BODY:
             return None
-        # Varints of one or two bytes inline (a token chunk is 100-16000 bytes long).
-        size = raw[pos + 1]
-        if size < 0x80:
-            pos += 2
-        elif raw[pos + 2] < 0x80:
-            size = (size & 0x7F) | raw[pos + 2] << 7
-            pos += 3
-        else:
-            size, pos = _read_varint(raw, pos + 1)
+        size, pos = _read_varint(raw, pos + 1)
         stop = pos + size
         if stop > end:
             return None
         body = b""
         eos = False
         if pos < stop and raw[pos] == 0x0A:
-            n = raw[pos + 1]
-            if n < 0x80:
-                pos += 2
-            elif raw[pos + 2] < 0x80:
-                n = (n & 0x7F) | raw[pos + 2] << 7
-                pos += 3
-            else:
-                n, pos = _read_varint(raw, pos + 1)
+            n, pos = _read_varint(raw, pos + 1)
             if pos + n > stop:
                 return None
             body = raw[pos:pos + n]
@@ -254,12 +244,8 @@ def parse_response_body(raw: bytes, pos: int = 0) -> tuple[bytes, bool] | None:
         while pos < end:
             tag = raw[pos]
             if tag == 0x42 or tag == 0x4A:  # metadata_context, attributes: skipped whole
-                size = raw[pos + 1]
-                if size < 0x80:
-                    pos += 2 + size
-                else:
-                    size, pos = _read_varint(raw, pos + 1)
-                    pos += size
+                size, pos = _read_varint(raw, pos + 1)
+                pos += size
             elif tag == 0x50:  # observability_mode
                 _, pos = _read_varint(raw, pos + 1)
             else:

@@ -26,6 +26,7 @@ from extproc_support import (
     stub_for,
 )
 from google.protobuf.internal.decoder import _DecodeVarint
+from google.protobuf.internal.encoder import _VarintBytes
 from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -93,6 +94,12 @@ def test_hand_decoder_never_disagrees_with_protobuf(raw):
     assert req.WhichOneof("request") == "response_body"
     assert (req.response_body.body, req.response_body.end_of_stream) == got
     assert not req.response_body.end_of_stream_without_message
+
+
+@given(st.integers(0, 2**63 - 1), st.binary(max_size=4))
+def test_varints_decode_like_protobuf(value, tail):
+    raw = b"\x07" + _VarintBytes(value) + tail
+    assert msg._read_varint(raw, 1) == (value, 1 + len(_VarintBytes(value)))
 
 
 @given(st.integers(0, 200_000), st.booleans(), st.booleans())

@@ -263,7 +263,7 @@ class _ProcessStream(_Stream):
         if self.recv_unacked > _HALF_WINDOW:
             conn.out.append(frame(WINDOW_UPDATE, 0, self.sid, self.recv_unacked.to_bytes(4, "big")))
             self.recv_unacked = 0
-        out = self.machine.duplex_chunk(parsed[0], False)
+        out = self.machine.duplex_chunk(parsed[0])
         if out.__class__ is not bytes:  # the chunk failed the stream: send its answers, end
             self.echo = False
             for resp in out:  # type: ignore[union-attr]

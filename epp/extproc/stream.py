@@ -143,22 +143,21 @@ class ExtProcStream:
             log.exception("ext_proc stream failed on %s", kind)
             return self._fail(RequestError("Internal", f"{type(e).__name__}: {e}"), "internal-error")
 
-    def duplex_chunk(self, data: bytes, eos: bool) -> bytes | list[Out]:
-        """The per-token hot path: one response chunk in full-duplex mode, state RESPONSE_BODY
-        (the caller checks
-        ``state == RESPONSE_BODY and resp_mode == FULL_DUPLEX``). Returns the bytes to echo in ``streamed_response``
-        (model name restored), or, if handling the chunk failed, the answers that end the
-        stream. Same effect as ``on_message`` with a ``response_body`` message, minus the
-        message object and the dispatch."""
+    def duplex_chunk(self, data: bytes) -> bytes | list[Out]:
+        """The per-token hot path: one response chunk that does not end the response, in
+        full duplex with the response headers answered (the caller checks ``state ==
+        RESPONSE_BODY and resp_mode == FULL_DUPLEX``). Returns the bytes to echo in
+        ``streamed_response`` (model name restored) or, if handling the chunk failed, the
+        answers that end the stream: what ``on_message`` does with such a ``response_body``,
+        minus the message object and the dispatch."""
         ctx = self.ctx
+        if ctx is None:
+            return data
         try:
-            out = ctx.response_chunk(data, eos) if ctx is not None else data
+            return ctx.response_chunk(data, False)
         except Exception as e:  # a bug must cost one request, never the server
             log.exception("ext_proc stream failed on a response chunk")
             return self._fail(RequestError("Internal", f"{type(e).__name__}: {e}"), "internal-error")
-        if eos:
-            self.state = RESPONSE_DONE
-        return out
 
     def on_deadline(self) -> list[Out]:
         """The request phase took too long (body never completed): answer 504 if still open."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+import yaml
 
 pytestmark = pytest.mark.envoy
 
@@ -223,3 +224,19 @@ async def test_rewritten_model_is_restored_in_streamed_events(stack, mode):
     assert len(models) == 6  # five tokens and the usage event
     expected = "served-model" if MODES[mode].template == "envoy-buffered.yaml" else f"alias-{mode}"
     assert set(models) == {expected}
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_efficient_template_validates(backends, tls):
+    from epp.bench.procs import free_port
+    from epp.envoyconfig import render_envoy_config, validate
+
+    text = render_envoy_config("envoy-efficient.yaml", listen_port=free_port(), admin_port=free_port(), epp_port=9002,
+                               fallback_endpoints=backends.addresses, epp_tls=tls)
+    hcm = yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    ext_proc = next(f for f in hcm["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+    cfg = ext_proc["typed_config"]
+    assert cfg["allow_mode_override"] is True and cfg["failure_mode_allow"] is True
+    assert (cfg["processing_mode"]["request_body_mode"], cfg["processing_mode"]["response_body_mode"]) == ("BUFFERED", "STREAMED")
+    ok, out = validate(text)
+    assert ok, out

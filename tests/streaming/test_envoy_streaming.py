@@ -240,3 +240,21 @@ def test_efficient_template_validates(backends, tls):
     assert (cfg["processing_mode"]["request_body_mode"], cfg["processing_mode"]["response_body_mode"]) == ("BUFFERED", "STREAMED")
     ok, out = validate(text)
     assert ok, out
+
+
+async def test_efficient_mode_fails_open_when_the_epp_is_unreachable(envoy_launcher, backends):
+    """No EPP listening: failure_mode_allow sends the request down the round-robin fallback
+    route, streamed answers included."""
+    from epp.bench.procs import free_port
+
+    envoy = envoy_launcher("envoy-efficient.yaml", epp_port=free_port(), fallback_endpoints=backends.addresses)
+    async with aiohttp.ClientSession() as session:
+        status, raw = await post(session, envoy.url, {"model": "m", "prompt": "hi"})
+        assert status == 200
+        doc = json.loads(raw)
+        assert doc["recv_destination"] is None and doc["served_by"] in backends.names  # no pick: the fallback
+        async with session.post(envoy.url + "/v1/completions",
+                                json={"model": "m", "prompt": "hi", "stream": True, "max_tokens": 20}) as r:
+            assert r.status == 200
+            events = [line async for line in r.content if line.startswith(b"data: ")]
+    assert len(events) == 22 and events[-1].strip() == b"data: [DONE]"

@@ -182,15 +182,15 @@ class InflightParams:
 class InflightLoadProducer(InflightHooks, DataProducer):
     Params = InflightParams
     produces = frozenset({INFLIGHT_LOAD_KEY})
+    data_key = INFLIGHT_LOAD_KEY  # where produce() publishes the loads; subclasses override both
 
     def __init__(self, name: str | None = None, params: InflightParams | None = None) -> None:
         super().__init__(name, params)
         self.tracker = InflightTracker(float(self.params.requestTimeout))
 
     def produce(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Candidate]) -> None:
-        key = INFLIGHT_LOAD_KEY
-        reqs = self.tracker._requests
-        if not reqs:
+        key = self.data_key
+        if not self.tracker._requests:  # nothing booked anywhere: skip the per-endpoint lookups
             for c in candidates:
                 c.data[key] = NO_INFLIGHT
             return
@@ -210,8 +210,8 @@ _TEXT_MARKERS = (b'content":', b'"text":')
 
 def carries_generated_text(chunk: bytes) -> bool:
     """Whether a response body chunk holds a non-empty generated string (cheap byte scan)."""
+    find = chunk.find
     for marker in _TEXT_MARKERS:
-        find = chunk.find
         at = find(marker)
         while at >= 0:
             i = at + len(marker)
@@ -225,7 +225,7 @@ def carries_generated_text(chunk: bytes) -> bool:
 
 
 @register("prefill-backlog-producer")
-class PrefillBacklogProducer(InflightHooks, ResponseStreaming, DataProducer):
+class PrefillBacklogProducer(InflightLoadProducer, ResponseStreaming):
     """Per endpoint: requests this EPP routed there that have not produced a token yet, and
     their uncached prompt tokens -- the prefill work queued ahead of a new request.
 
@@ -235,28 +235,15 @@ class PrefillBacklogProducer(InflightHooks, ResponseStreaming, DataProducer):
     After the release the per-chunk hook is one dict lookup.
     """
 
-    Params = InflightParams
+    plugin_type = "prefill-backlog-producer"  # @register keeps an inherited type name otherwise
     produces = frozenset({PREFILL_BACKLOG_KEY})
-
-    def __init__(self, name: str | None = None, params: InflightParams | None = None) -> None:
-        super().__init__(name, params)
-        self.tracker = InflightTracker(float(self.params.requestTimeout))
+    data_key = PREFILL_BACKLOG_KEY
 
     def response_streaming(self, request: InferenceRequest, response: InferenceResponse, chunk: bytes,
                            target: str) -> None:
         rid = request.request_id
         if self.tracker.is_booked(rid) and carries_generated_text(chunk):
             self.tracker.release(rid)
-
-    def produce(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Candidate]) -> None:
-        key = PREFILL_BACKLOG_KEY
-        if not self.tracker.in_flight():
-            for c in candidates:
-                c.data[key] = NO_INFLIGHT
-            return
-        load = self.tracker.load
-        for c in candidates:
-            c.data[key] = load(c.key)
 
 
 registry.register_default_producer(PREFILL_BACKLOG_KEY, "prefill-backlog-producer")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -195,24 +194,29 @@ def grpc_health_serving(target: str, service: str = "", timeout: float = 1.0) ->
 # -- the group ---------------------------------------------------------------------------------
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """Ask the kernel to SIGTERM the child when the thread that forked it dies (Linux only).
+# Set in a fresh, single-threaded interpreter which then execs the real command: a
+# ``preexec_fn`` would run Python code between fork and exec in a copy of *this* process,
+# and with other threads alive (asyncio.to_thread, aiohttp resolvers) that can deadlock on
+# a lock some thread held at fork time. Popen then blocks forever; we saw exactly that.
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):  # the parent died before prctl: no signal will come\n"
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _with_pdeathsig(argv: Sequence[str]) -> list[str]:
+    """``argv`` wrapped so the kernel SIGTERMs the child when the thread that started it dies.
 
     Children must therefore be started from a long-lived thread (we start them from the
     caller's thread, normally the main thread; never from a short-lived worker thread).
+    Linux only; elsewhere ``argv`` is returned unchanged.
     """
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return preexec
+        return list(argv)
+    return [sys.executable, "-I", "-c", _PDEATHSIG_EXEC, str(os.getpid()), *argv]
 
 
 class ProcessGroup:
@@ -230,7 +234,6 @@ class ProcessGroup:
         self.processes: list[ManagedProcess] = []
         self._old_sigterm: signal.Handlers | Callable[[int, FrameType | None], object] | int | None = None
         self._sigterm_installed = False
-        self._preexec = _pdeathsig_preexec()
 
     # context manager protocol ------------------------------------------------------------
 
@@ -288,6 +291,8 @@ class ProcessGroup:
         """Start ``argv`` with its output in ``<log_dir>/<name>.log``. Names must be unique."""
         if any(p.name == name for p in self.processes):
             raise ValueError(f"a process named {name!r} was already started in this group")
+        if shutil.which(argv[0]) is None:  # fail here, not as a traceback in the child's log
+            raise FileNotFoundError(f"cannot start {name}: {argv[0]!r} not found")
         log_path = self.log_dir / f"{name}.log"
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"  # readiness lines must reach the log file at once
@@ -295,14 +300,13 @@ class ProcessGroup:
             full_env.update(env)
         with log_path.open("wb") as log:
             popen = subprocess.Popen(  # noqa: S603 - argv built by our code
-                list(argv),
+                _with_pdeathsig(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=full_env,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=self._preexec,  # noqa: PLW1509 - only calls prctl
             )
         proc = ManagedProcess(name=name, argv=list(argv), popen=popen, log_path=log_path)
         self.processes.append(proc)

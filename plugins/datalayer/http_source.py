@@ -13,33 +13,46 @@ import os
 import ssl
 import time
 from abc import abstractmethod
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import aiohttp
 
 from epp.datalayer.endpoint import EndpointMetadata
 from epp.datalayer.errors import DataSourceError
 from epp.framework.datalayer import DataSource, Extractor
+from epp.framework.params import Duration
 from epp.framework.plugin import Handle
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 _TOKEN_RECHECK = 5.0  # seconds between looks at the bearer token file (tokens rotate)
 
 
-def validate_http_params(p: Any) -> None:
-    if not p.path.startswith("/"):
-        raise ValueError(f"'path' must start with '/', got {p.path!r}")
-    if p.timeout <= 0:
-        raise ValueError("'timeout' must be > 0")
-    if p.maxBytes <= 0:
-        raise ValueError("'maxBytes' must be > 0")
+@dataclass
+class HTTPSourceParams:
+    """The parameters every HTTP data source shares; subclasses set their ``path`` default."""
+
+    scheme: Literal["http", "https"] = "http"
+    path: str = "/"
+    insecureSkipVerify: bool = True
+    bearerTokenFile: str = ""
+    timeout: Duration = Duration(1.0)
+    maxBytes: int = DEFAULT_MAX_BYTES
+    compression: bool = False
+
+    def validate(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError(f"'path' must start with '/', got {self.path!r}")
+        if self.timeout <= 0:
+            raise ValueError("'timeout' must be > 0")
+        if self.maxBytes <= 0:
+            raise ValueError("'maxBytes' must be > 0")
 
 
 class HTTPDataSource(DataSource):
     """GET ``<scheme>://<metrics host:port><path>`` per endpoint; subclasses decode the body.
 
-    ``Params`` must have ``scheme``, ``path``, ``insecureSkipVerify``, ``bearerTokenFile``,
-    ``timeout``, ``maxBytes`` and ``compression``.
+    ``Params`` is an ``HTTPSourceParams`` (or a subclass).
     """
 
     accept = "*/*"

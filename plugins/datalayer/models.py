@@ -14,31 +14,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from epp.datalayer.endpoint import Endpoint, EndpointMetadata, now
 from epp.datalayer.errors import DataSourceError
 from epp.datalayer.payloads import ModelInfo, ModelList
 from epp.framework import Duration, register
 from epp.framework.datalayer import Extractor
-from plugins.datalayer.http_source import HTTPDataSource, validate_http_params
+from plugins.datalayer.http_source import HTTPDataSource, HTTPSourceParams
 
 MODELS_ATTRIBUTE = "/v1/models"
 
 
 @dataclass
-class ModelsSourceParams:
-    scheme: Literal["http", "https"] = "http"
+class ModelsSourceParams(HTTPSourceParams):
     path: str = "/v1/models"
-    insecureSkipVerify: bool = True
-    bearerTokenFile: str = ""
-    timeout: Duration = Duration(1.0)
     maxBytes: int = 4 * 1024 * 1024
-    compression: bool = False
     interval: Duration = Duration(0.0)  # 0: every collector tick (upstream)
-
-    def validate(self) -> None:
-        validate_http_params(self)
 
 
 @register("models-data-source")

@@ -11,29 +11,20 @@ parse everything; that is fine for a few endpoints or long intervals, not for th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 from epp.datalayer.endpoint import EndpointMetadata
 from epp.datalayer.errors import DataSourceError
 from epp.datalayer.payloads import PrometheusFamilies
 from epp.datalayer.promparse import PromParseError, families_wanted_by, parse
-from epp.framework import Duration, register
+from epp.framework import register
 from epp.framework.datalayer import Extractor
-from plugins.datalayer.http_source import DEFAULT_MAX_BYTES, HTTPDataSource, validate_http_params
+from plugins.datalayer.http_source import HTTPDataSource, HTTPSourceParams
 
 
 @dataclass
-class PrometheusSourceParams:
-    scheme: Literal["http", "https"] = "http"
+class PrometheusSourceParams(HTTPSourceParams):
     path: str = "/metrics"
-    insecureSkipVerify: bool = True
-    bearerTokenFile: str = ""
-    timeout: Duration = Duration(1.0)
-    maxBytes: int = DEFAULT_MAX_BYTES
-    compression: bool = False
-
-    def validate(self) -> None:
-        validate_http_params(self)
 
 
 @register("prometheus-data-source", aliases=("metrics-data-source",))

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from epp.bench.backend import serve_backend
 from epp.bench.procs import ProcessGroup, free_port
 
 BODY = json.dumps({"model": "bench-model", "prompt": "The quick brown fox jumps over the lazy dog. " * 4,
@@ -65,14 +66,7 @@ def _backend_main(port: int) -> None:
         await request.read()
         return web.Response(body=answer, content_type="application/json")
 
-    async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=page, content_type="text/plain")
-
-    app = web.Application(client_max_size=64 << 20)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/{tail:.*}", post)
-    print(f"overhead backend ready port={port}", flush=True)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    serve_backend("overhead", port, post, page)
 
 
 # --- load generation ----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from epp.bench.backend import serve_backend
 from epp.bench.procs import ProcessGroup, free_port
 
 MODEL = "bench-model"
@@ -127,14 +128,7 @@ def _backend_main(port: int) -> None:
         await resp.write_eof()
         return resp
 
-    async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=METRICS_PAGE, content_type="text/plain")
-
-    app = web.Application(client_max_size=64 << 20)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/{tail:.*}", post)
-    print(f"streaming backend ready port={port}", flush=True)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    serve_backend("streaming", port, post, METRICS_PAGE)
 
 
 # --- measuring ------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class EppServer:
         self.grpc = await start_grpc_servers(service, health, host=opts.bind_address, port=opts.grpc_port,
                                              health_port=opts.grpc_health_port, secure=opts.secure_serving,
                                              cert_path=opts.cert_path, max_body_bytes=opts.max_request_body_bytes,
-                                             core=getattr(opts, "extproc_core", None))  # None: $EPP_EXTPROC_CORE or fast
+                                             core=opts.extproc_core)  # None: $EPP_EXTPROC_CORE or fast
         self.grpc_port, self.health_port = self.grpc.extproc_port, self.grpc.health_port or 0
 
         director = self.director

@@ -1,14 +1,14 @@
-"""Shared machinery of the HTTP data sources: one pooled session, capped reads, auth.
+"""Shared machinery of the HTTP data sources: one pooled client, capped reads, auth.
 
-Each source instance owns ONE ``aiohttp.ClientSession`` for all endpoints (connections are
-kept alive per endpoint), created on the collector's event loop and closed in ``close()``.
-The session is never pickled, so a source can be shipped to the collector process before
-or after it was started.
+Each source instance owns ONE ``ScrapeClient`` (``epp/datalayer/httpclient.py``: our lean
+HTTP/1.1 keep-alive client; a connection per endpoint is kept alive between ticks) for all
+endpoints, created lazily on the collector's event loop and closed in ``close()``. The client
+is never pickled, so a source can be shipped to the collector process before or after it
+was started.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import ssl
 import time
@@ -16,10 +16,9 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
-import aiohttp
-
 from epp.datalayer.endpoint import EndpointMetadata
 from epp.datalayer.errors import DataSourceError
+from epp.datalayer.httpclient import ScrapeClient
 from epp.framework.datalayer import DataSource, Extractor
 from epp.framework.params import Duration
 from epp.framework.plugin import Handle
@@ -59,10 +58,8 @@ class HTTPDataSource(DataSource):
 
     def __init__(self, name: str | None = None, params: Any = None) -> None:
         super().__init__(name, params)
-        self._session: aiohttp.ClientSession | None = None
+        self._client: ScrapeClient | None = None
         self._urls: dict[str, str] = {}
-        self._timeout = aiohttp.ClientTimeout(total=float(self.params.timeout))
-        self._ssl: ssl.SSLContext | bool | None = None
         self._token = ""
         self._token_checked = 0.0
         self._token_mtime = 0.0
@@ -70,38 +67,33 @@ class HTTPDataSource(DataSource):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, handle: Handle) -> None:
-        self._ensure_session()
+        self._ensure_client()
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            await session.close()
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_session"] = None
-        state["_ssl"] = None
+        state["_client"] = None  # sockets stay with the loop that opened them
         return state
 
-    def _ensure_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+    def _ensure_client(self) -> ScrapeClient:
+        if self._client is None:
             p = self.params
+            context = None
             if p.scheme == "https":
-                self._ssl = False if p.insecureSkipVerify else ssl.create_default_context()
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
-            headers = {"Accept": self.accept, "User-Agent": "epp-datalayer"}
-            if not p.compression:
-                # At 20 scrapes/s per endpoint, gzip costs the model server and us more CPU
-                # than the bytes it saves on a cluster network.
-                headers["Accept-Encoding"] = "identity"
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                headers=headers,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=self._timeout,
-                raise_for_status=False,
-            )
-        return self._session
+                context = ssl.create_default_context()
+                if p.insecureSkipVerify:
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+            headers = {"Accept": self.accept}
+            if self._token:  # a client rebuilt after close() or unpickling keeps the token read so far
+                headers["Authorization"] = f"Bearer {self._token}"
+            self._client = ScrapeClient(timeout=float(p.timeout), max_bytes=p.maxBytes, compression=p.compression,
+                                        ssl=context, headers=headers)
+        return self._client
 
     # -- one fetch ---------------------------------------------------------------------------
 
@@ -115,28 +107,11 @@ class HTTPDataSource(DataSource):
         return url
 
     async def fetch(self, endpoint: EndpointMetadata) -> bytes:
-        session = self._session if self._session is not None and not self._session.closed else self._ensure_session()
-        url = self.url(endpoint)
-        headers = self._auth_headers()
-        try:
-            resp = await session.get(url, headers=headers, ssl=self._ssl)
-        except asyncio.TimeoutError:
-            raise DataSourceError(f"GET {url}: timed out after {float(self.params.timeout):g}s") from None
-        except aiohttp.ClientError as e:
-            raise DataSourceError(f"GET {url}: {type(e).__name__}: {e}") from None
-        try:
-            if resp.status != 200:
-                raise DataSourceError(f"GET {url}: HTTP {resp.status} {resp.reason or ''}".rstrip())
-            body = await read_capped(resp, self.params.maxBytes, url)
-        except BaseException as e:
-            resp.close()  # the body was not read to the end: this connection cannot be reused
-            if isinstance(e, asyncio.TimeoutError):
-                raise DataSourceError(f"GET {url}: timed out reading the body") from None
-            if isinstance(e, aiohttp.ClientError):
-                raise DataSourceError(f"GET {url}: {type(e).__name__} while reading the body: {e}") from None
-            raise
-        resp.release()
-        return body
+        """The body of ``GET url(endpoint)``; DataSourceError ("GET <url>: ...") otherwise."""
+        client = self._client or self._ensure_client()
+        if self.params.bearerTokenFile:
+            self._refresh_token(client)
+        return await client.get(self.url(endpoint))
 
     async def collect(self, endpoint: EndpointMetadata) -> Any:
         return self.decode(await self.fetch(endpoint), endpoint)
@@ -150,38 +125,21 @@ class HTTPDataSource(DataSource):
 
     # -- bearer token ------------------------------------------------------------------------
 
-    def _auth_headers(self) -> dict[str, str] | None:
+    def _refresh_token(self, client: ScrapeClient) -> None:
         path = self.params.bearerTokenFile
-        if not path:
-            return None
         t = time.monotonic()
-        if t - self._token_checked >= _TOKEN_RECHECK or not self._token:
-            self._token_checked = t
-            try:
-                mtime = os.stat(path).st_mtime
-                if mtime != self._token_mtime or not self._token:
-                    with open(path, encoding="utf-8") as f:
-                        self._token = f.read().strip()
-                    self._token_mtime = mtime
-            except OSError as e:
-                if not self._token:
-                    raise DataSourceError(f"cannot read bearerTokenFile {path!r}: {e.strerror or e}") from None
-                # keep using the last token; the file may be mid-rotation
-        return {"Authorization": f"Bearer {self._token}"}
-
-
-async def read_capped(resp: aiohttp.ClientResponse, limit: int, url: str) -> bytes:
-    """The whole body, or DataSourceError once it exceeds ``limit`` bytes (after decompression)."""
-    length = resp.content_length
-    if length is not None and length > limit:
-        raise DataSourceError(f"GET {url}: body of {length} bytes exceeds the {limit}-byte limit")
-    if length is not None and "Content-Encoding" not in resp.headers:
-        return await resp.read()
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in resp.content.iter_any():
-        total += len(chunk)
-        if total > limit:
-            raise DataSourceError(f"GET {url}: body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if t - self._token_checked < _TOKEN_RECHECK and self._token:
+            return
+        self._token_checked = t
+        try:
+            mtime = os.stat(path).st_mtime
+            if mtime != self._token_mtime or not self._token:
+                with open(path, encoding="utf-8") as f:
+                    token = f.read().strip()
+                client.set_header("Authorization", f"Bearer {token}")
+                self._token, self._token_mtime = token, mtime
+        except (OSError, ValueError) as e:
+            if not self._token:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+                raise DataSourceError(f"cannot read bearerTokenFile {path!r}: {reason}") from None
+            # keep using the last token; the file may be mid-rotation

@@ -199,7 +199,7 @@ async def test_bad_pages_are_errors_for_that_endpoint_only(servers, caplog):
         assert "timed out after 0.2s" in text
         assert "kv_cache_usage: vllm:kv_cache_usage_perc is nan" in text
         assert "vllm:num_requests_waiting is a histogram" in text
-        assert "ClientPayloadError" in text or "ServerDisconnectedError" in text
+        assert f"GET http://{cut.address}/metrics: connection closed after" in text  # cut mid-body
     finally:
         hang.mode = "ok"
         await close_all(col)

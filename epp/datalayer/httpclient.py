@@ -147,6 +147,7 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        self.owner.discard(self)
         if self.transport is not None:
             try:
                 self.transport.abort()
@@ -164,6 +165,7 @@ class _Connection(asyncio.Protocol):
         self.parts = []
         if not self.keep_alive:
             self.closed = True
+            self.owner.discard(self)
             if self.transport is not None:
                 self.transport.close()
         if waiter is not None and not waiter.done():

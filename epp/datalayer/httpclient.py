@@ -145,12 +145,15 @@ class _Connection(asyncio.Protocol):
         """The request's deadline passed: fail it and drop the connection."""
         self._fail(_Failure("reading the body" if self.headers_done else "", timeout=True))
 
-    def abort(self) -> None:
+    def abort(self, graceful: bool = False) -> None:
         self.closed = True
         self.owner.discard(self)
         if self.transport is not None:
             try:
-                self.transport.abort()
+                if graceful:
+                    self.transport.close()  # flushes the request and sends FIN, not RST
+                else:
+                    self.transport.abort()
             except RuntimeError:  # its event loop is closed already
                 pass
 
@@ -418,7 +421,9 @@ class ScrapeClient:
                     raise self._timed_out(target, str(e)) from None
                 raise FetchError(f"GET {target.url}: {e}") from None
             except BaseException:  # cancelled: the response is half read, the connection is useless
-                conn.abort()
+                # Closed gracefully: the server still gets the whole request and a clean
+                # end of stream, as it would from a client that simply went away.
+                conn.abort(graceful=True)
                 raise
             finally:
                 timer.cancel()

@@ -142,7 +142,7 @@ class EppServer:
         self._http, self.metrics_port = await start_http_server(state, opts.bind_address, opts.metrics_port)
         gauges = PoolGauges(self.pool, opts.pool_name, opts.metrics_staleness_threshold)
         self._tasks.append(asyncio.create_task(gauges.run(opts.refresh_prometheus_metrics_interval), name="gauges"))
-        self._tasks.append(asyncio.create_task(deferred.run_flusher(1.0), name="histogram-flush"))
+        self._tasks.append(asyncio.create_task(deferred.run_flusher(0.1), name="histogram-flush"))
         if opts.config_reload and opts.config_file:
             self._tasks.append(asyncio.create_task(self._watch_config(opts.config_file), name="config-watch"))
         m.INFO.labels(os.environ.get("EPP_COMMIT", "dev"), os.environ.get("EPP_BUILD_REF", "dev")).set(1)

@@ -3,10 +3,13 @@
 The same trivial backend is reached three ways: Envoy direct (round-robin, no ext_proc),
 Envoy + EPP in full duplex (``envoy/envoy.yaml``, the upstream shape) and Envoy + EPP
 buffered (``envoy/envoy-buffered.yaml``). Each is driven closed-loop (as fast as possible,
-fixed concurrency) and open-loop at a fixed rate, with ``hey`` when installed, else a Python
-load generator. Reported: req/s, p50/p99 latency, the p99 added over direct, and EPP CPU
-microseconds per request from ``/proc/<pid>/stat`` (minus the EPP's idle CPU, i.e. the
-collector scraping the backend, measured before the runs).
+fixed concurrency; ``hey`` when installed, else a Python load generator) and open-loop at a
+fixed rate with evenly spaced and with Poisson arrivals (``epp.bench.pacedload``). When ``hey``
+is installed, ``hey -q`` rows are added for comparison: its workers' tickers are aligned, so its
+"fixed rate" is a burst of ``c`` requests every ``c / rate`` seconds. Reported: req/s, p50/p99
+latency, the p99 added over direct, and EPP CPU microseconds per request from
+``/proc/<pid>/stat`` (minus the EPP's idle CPU, i.e. the collector scraping the backend,
+measured before the runs).
 
     run_overhead_bench(Path("bench-out/overhead"), smoke=True)  -> dict, plus overhead.json/.md
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from epp.bench.backend import serve_backend
+from epp.bench.pacedload import run_paced
 from epp.bench.procs import ProcessGroup, free_port
 
 BODY = json.dumps({"model": "bench-model", "prompt": "The quick brown fox jumps over the lazy dog. " * 4,
@@ -38,7 +42,7 @@ CONFIGS = (("direct", "envoy-direct.yaml"), ("duplex", "envoy.yaml"), ("buffered
 @dataclass
 class RunResult:
     config: str
-    mode: str  # closed-cN | rate-R
+    mode: str  # closed-cN | rate-R (even spacing) | poisson-R | hey-q-R (hey's aligned bursts)
     core: str  # the EPP's ext_proc server core ("-" for direct)
     requests: int
     errors: int
@@ -87,7 +91,8 @@ def _hey(url: str, seconds: float, concurrency: int, rate: float | None) -> tupl
     return ok, errors, rps, lat
 
 
-async def _python_load(url: str, seconds: float, concurrency: int, rate: float | None) -> tuple[int, int, list[float]]:
+async def _python_load(url: str, seconds: float, concurrency: int) -> tuple[int, int, list[float]]:
+    """Closed loop: ``concurrency`` workers, each sending its next request when the last ends."""
     import aiohttp
 
     latencies: list[float] = []
@@ -111,33 +116,29 @@ async def _python_load(url: str, seconds: float, concurrency: int, rate: float |
 
     conn = aiohttp.TCPConnector(limit=concurrency * 4)
     async with aiohttp.ClientSession(connector=conn) as session:
-        if rate:
-            tasks = []
-            interval = 1.0 / rate
-            next_at = time.perf_counter()
-            while next_at < end:
-                tasks.append(asyncio.ensure_future(one(session)))
-                next_at += interval
-                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-            await asyncio.gather(*tasks)
-        else:
-            async def worker() -> None:
-                while time.perf_counter() < end:
-                    await one(session)
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        async def worker() -> None:
+            while time.perf_counter() < end:
+                await one(session)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
     return len(latencies), errors, latencies
 
 
-def _load(url: str, seconds: float, concurrency: int, rate: float | None) -> tuple[int, int, float, float, float, str]:
-    """(ok, errors, rps, p50 ms, p99 ms, tool)."""
+def _load(url: str, seconds: float, concurrency: int, rate: float | None,
+          arrivals: str = "") -> tuple[int, int, float, float, float, str]:
+    """(ok, errors, rps, p50 ms, p99 ms, tool). ``arrivals`` ``uniform``/``poisson``: paced
+    open loop at ``rate``; ``hey``: ``hey -q`` (aligned bursts); else closed loop."""
+    from epp.bench.report import percentile
+
+    if arrivals in ("uniform", "poisson"):
+        res = run_paced(url, BODY, rate=float(rate or 0), seconds=seconds, arrivals=arrivals)
+        return (res.ok, res.errors, res.rps, percentile(res.latencies_ms, 50), percentile(res.latencies_ms, 99),
+                f"paced-{arrivals}")
     if shutil.which("hey"):
         ok, errors, rps, lat = _hey(url, seconds, concurrency, rate)
         pct = dict(lat)
         return ok, errors, rps, pct.get(50, float("nan")), pct.get(99, float("nan")), "hey"
-    from epp.bench.report import percentile
-
     t0 = time.perf_counter()
-    ok, errors, lat = asyncio.run(_python_load(url, seconds, concurrency, rate))
+    ok, errors, lat = asyncio.run(_python_load(url, seconds, concurrency))
     elapsed = time.perf_counter() - t0
     return ok, errors, ok / elapsed, percentile(lat, 50), percentile(lat, 99), "python"
 
@@ -194,14 +195,18 @@ def run_overhead_bench(out_dir: Path, *, smoke: bool = False, cores: tuple[str, 
             time.sleep(idle_window)
             idle[core] = (epp.process.cpu_seconds() - c0) / idle_window  # background: the collector
 
-        for mode, conc, r in ((f"closed-c{closed_c}", closed_c, None), (f"rate-{rate:g}", 8, rate)):
-            ok, errors, rps, p50, p99, tool = _load(direct.url + "/v1/completions", seconds, conc, r)
+        modes = [(f"closed-c{closed_c}", closed_c, None, ""), (f"rate-{rate:g}", 0, rate, "uniform"),
+                 (f"poisson-{rate:g}", 0, rate, "poisson")]
+        if shutil.which("hey") and not smoke:
+            modes.append((f"hey-q-{rate:g}", 8, rate, "hey"))
+        for mode, conc, r, arrivals in modes:
+            ok, errors, rps, p50, p99, tool = _load(direct.url + "/v1/completions", seconds, conc, r, arrivals)
             results.append(RunResult("direct", mode, "-", ok, errors, seconds, round(rps, 1), round(p50, 3),
                                      round(p99, 3), tool=tool))
             for core, epp, envoys in stacks:
                 for name, envoy in envoys.items():
                     c0, t0 = epp.process.cpu_seconds(), time.perf_counter()
-                    ok, errors, rps, p50, p99, tool = _load(envoy.url + "/v1/completions", seconds, conc, r)
+                    ok, errors, rps, p50, p99, tool = _load(envoy.url + "/v1/completions", seconds, conc, r, arrivals)
                     elapsed = time.perf_counter() - t0
                     cpu = epp.process.cpu_seconds() - c0 - idle[core] * elapsed
                     results.append(RunResult(name, mode, core, ok, errors, round(elapsed, 2), round(rps, 1),
@@ -230,7 +235,10 @@ def run_overhead_bench(out_dir: Path, *, smoke: bool = False, cores: tuple[str, 
     rows = [(r.config, r.core, r.mode, r.rps, r.p50_ms, r.p99_ms, "-" if r.added_p99_ms is None else r.added_p99_ms,
              "-" if r.epp_cpu_us_per_req is None else r.epp_cpu_us_per_req, r.errors, r.tool) for r in results]
     md = ["# EPP overhead through Envoy", "",
-          f"Trivial backend; {seconds:g}s per run; closed loop at concurrency {closed_c}, open loop at {rate:g} req/s. "
+          f"Trivial backend; {seconds:g}s per run; closed loop at concurrency {closed_c}; open loop at {rate:g} req/s "
+          f"with evenly spaced (`rate-`) and Poisson (`poisson-`) arrivals, latency from send to response end "
+          f"(`epp.bench.pacedload`); `hey-q-` rows: `hey -c 8 -q {rate / 8:g}`, whose aligned worker tickers send "
+          f"bursts of 8 requests every {8 / rate * 1e3:g} ms (burst queueing, shown for comparison). "
           f"EPP CPU is user+system time of the EPP process per request, minus its idle rate "
           f"(up to {idle_rate * 100:.1f}% of a core: the collector scraping the backend). Cores: `fast` is our "
           f"HTTP/2 server (default), `grpcio` grpcio's asyncio server (EPP_EXTPROC_CORE=grpcio). "

@@ -57,7 +57,7 @@ def pending() -> int:
     return len(_pending)
 
 
-async def run_flusher(interval: float = 1.0) -> None:
+async def run_flusher(interval: float = 0.1) -> None:
     while True:
         await asyncio.sleep(interval)
         flush()

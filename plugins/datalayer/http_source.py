@@ -59,6 +59,7 @@ class HTTPDataSource(DataSource):
     def __init__(self, name: str | None = None, params: Any = None) -> None:
         super().__init__(name, params)
         self._client: ScrapeClient | None = None
+        self._timeout = float(self.params.timeout)
         self._urls: dict[str, str] = {}
         self._token = ""
         self._token_checked = 0.0
@@ -91,9 +92,21 @@ class HTTPDataSource(DataSource):
             headers = {"Accept": self.accept}
             if self._token:  # a client rebuilt after close() or unpickling keeps the token read so far
                 headers["Authorization"] = f"Bearer {self._token}"
-            self._client = ScrapeClient(timeout=float(p.timeout), max_bytes=p.maxBytes, compression=p.compression,
+            self._client = ScrapeClient(timeout=self._timeout, max_bytes=p.maxBytes, compression=p.compression,
                                         ssl=context, headers=headers)
         return self._client
+
+    def limit_timeout(self, seconds: float) -> bool:
+        """The collector's hook: bound every collect() by ``seconds`` here, not with its timer.
+
+        collect() awaits nothing but the client's GET (one timer per GET covers connect, TLS,
+        redirects and the body), then decodes synchronously. A subclass whose collect()
+        awaits anything else must return False.
+        """
+        self._timeout = min(float(self.params.timeout), float(seconds))
+        if self._client is not None:
+            self._client.timeout = self._timeout
+        return True
 
     # -- one fetch ---------------------------------------------------------------------------
 

@@ -223,15 +223,7 @@ class Collector:
             t = loop.time()
             if t > next_at:  # fell behind (slow endpoint, timeout): skip ticks, keep the phase
                 next_at += math.ceil((t - next_at) / interval) * interval
-            # asyncio.sleep without its Python-level wake-up callback: this runs 20 times a
-            # second per endpoint.
-            wake = loop.create_future()
-            timer = loop.call_at(next_at, wake.set_result, None)
-            try:
-                await wake
-            except BaseException:
-                timer.cancel()
-                raise
+            await asyncio.sleep(next_at - t)
 
     async def tick(self, ep: Endpoint) -> None:
         """One round for one endpoint: each source collects once, its extractors read the result."""

@@ -33,6 +33,7 @@ Every failure is a ``FetchError`` (a ``DataSourceError``) whose message starts w
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl as ssl_module
 import zlib
 from typing import Any, Mapping
@@ -113,7 +114,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False  # served a response before: the server may have closed it meanwhile
         self.keep_alive = False
-        self.last_used = 0.0
+        self.last_used = math.inf  # set when it goes idle; never swept while being set up
         self._reset(0)
 
     def _reset(self, limit: int) -> None:
@@ -196,6 +197,7 @@ class _Connection(asyncio.Protocol):
             self._fail(_Failure("the server switched protocols (HTTP 101), which a GET never asks for"))
 
     def eof_received(self) -> bool | None:
+        self.closed = True  # not reusable from here on
         return None  # close the transport; connection_lost settles the request
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -388,10 +390,10 @@ class ScrapeClient:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._rebind(loop)
-        target = self._targets.get(url) or self._target(url)
         deadline = loop.time() + self.timeout
-        if deadline >= self._next_sweep:
+        if deadline >= self._next_sweep:  # before the lookup: a sweep may drop targets
             self._sweep(deadline)
+        target = self._targets.get(url) or self._target(url)
         for _ in range(self.max_redirects + 1):
             result = await self._exchange(loop, target, deadline)
             if type(result) is bytes:
@@ -498,9 +500,18 @@ class ScrapeClient:
         self._loop = loop
 
     def _sweep(self, t: float) -> None:
-        self._next_sweep = t + _SWEEP_EVERY
+        """Close connections idle for ``idle_timeout``; forget hosts without any connection."""
+        self._next_sweep = t + min(_SWEEP_EVERY, self.idle_timeout)
         cutoff = t - self.idle_timeout
-        for idle in self._idle.values():
-            for conn in [c for c in idle if c.last_used < cutoff]:
-                idle.remove(conn)
-                conn.abort()
+        for conn in [c for c in self._conns if c.waiter is None and c.last_used < cutoff]:
+            try:
+                conn.idle.remove(conn)
+            except ValueError:
+                pass
+            conn.abort()
+        in_use = {id(c.idle) for c in self._conns}
+        gone = [k for k, idle in self._idle.items() if not idle and id(idle) not in in_use]
+        if gone:  # endpoints that went away: their targets are rebuilt if they come back
+            for k in gone:
+                del self._idle[k]
+            self._targets = {u: tg for u, tg in self._targets.items() if self._idle.get((tg.host, tg.port)) is tg.idle}

@@ -216,6 +216,19 @@ async def test_interim_1xx_responses_are_skipped(raw, client):
     assert srv.connections == 1
 
 
+async def test_idle_connections_of_vanished_endpoints_are_closed(raw, client):
+    gone, alive = await raw(answer(ok(b"a"))), await raw(answer(ok(b"b")))
+    c = client(idle_timeout=0.1)
+    assert await c.get(gone.url()) == b"a"
+    assert await c.get(alive.url()) == b"b"
+    assert c.open_connections == 2
+    await asyncio.sleep(0.25)  # nobody scrapes either for longer than idle_timeout
+    assert await c.get(alive.url()) == b"b"  # a GET runs the sweep
+    assert c.open_connections == 1 and alive.connections == 2
+    assert await c.get(gone.url()) == b"a"  # a host that comes back gets a fresh connection
+    assert gone.connections == 2
+
+
 # -- servers closing connections ----------------------------------------------------------------
 
 async def test_idle_connection_closed_by_the_server_is_replaced(raw, client):

@@ -297,7 +297,6 @@ class _Connection(asyncio.Protocol):
             self._done(self._status())
             return
         if self.inflate is not None:
-            self.on_body(b"")  # pushes out what the decompressor still holds, under the cap
             tail = self.inflate.flush()
             if tail:
                 self.size += len(tail)

@@ -55,6 +55,7 @@ class HTTPDataSource(DataSource):
     """
 
     accept = "*/*"
+    collect_awaits_only_the_get = False  # see limit_timeout(); for subclasses overriding collect()
 
     def __init__(self, name: str | None = None, params: Any = None) -> None:
         super().__init__(name, params)
@@ -97,16 +98,17 @@ class HTTPDataSource(DataSource):
         return self._client
 
     def limit_timeout(self, seconds: float) -> bool:
-        """The collector's hook: bound every collect() by ``seconds`` here, not with its timer.
+        """The collector's hook: bound every GET by ``seconds`` too; True if that bounds collect().
 
-        collect() awaits nothing but the client's GET (one timer per GET covers connect, TLS,
-        redirects and the body), then decodes synchronously. A subclass whose collect()
-        awaits anything else must return False.
+        This class's collect() awaits nothing but the client's GET (one timer per GET covers
+        connect, TLS, redirects and the body), then decodes synchronously, so the collector
+        can skip its own timer. A subclass that overrides collect() may await more, so it
+        keeps the collector's timer unless it sets ``collect_awaits_only_the_get``.
         """
         self._timeout = min(float(self.params.timeout), float(seconds))
         if self._client is not None:
             self._client.timeout = self._timeout
-        return True
+        return type(self).collect is HTTPDataSource.collect or self.collect_awaits_only_the_get
 
     # -- one fetch ---------------------------------------------------------------------------
 

@@ -54,3 +54,8 @@ async def test_an_http_source_takes_the_tighter_collector_deadline(servers, capl
     finally:
         srv.mode = "ok"
         await close_all(col)
+
+
+def test_http_sources_that_override_collect_keep_the_collector_timer():
+    assert plugin("prometheus-data-source").limit_timeout(0.5) is True
+    assert plugin("models-data-source").limit_timeout(0.5) is False  # its collect() is its own

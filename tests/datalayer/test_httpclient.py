@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 from aiohttp import web
-from dl_helpers import plugin
+from dl_helpers import plugin, serve_app
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -393,14 +393,6 @@ async def test_same_origin_redirects_are_followed_others_are_errors(raw, client)
 
 # -- TLS and gzip against aiohttp ---------------------------------------------------------------
 
-async def _aiohttp_server(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-
 async def test_https_self_signed_with_and_without_verification(tmp_path, client):
     from epp.extproc.tls import self_signed_certificate
 
@@ -415,7 +407,7 @@ async def test_https_self_signed_with_and_without_verification(tmp_path, client)
 
     app = web.Application()
     app.router.add_get("/metrics", page)
-    runner, port = await _aiohttp_server(app, server_ctx)
+    runner, port = await serve_app(app, server_ctx)
     try:
         url = f"https://127.0.0.1:{port}/metrics"
         insecure = ssl.create_default_context()
@@ -444,7 +436,7 @@ async def test_gzip_is_asked_for_only_with_compression_and_capped_after_decompre
 
     app = web.Application()
     app.router.add_get("/metrics", page)
-    runner, port = await _aiohttp_server(app)
+    runner, port = await serve_app(app)
     try:
         url = f"http://127.0.0.1:{port}/metrics"
         assert await client().get(url) == PAGE

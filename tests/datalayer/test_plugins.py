@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 from aiohttp import web
-from dl_helpers import EngineState, meta, plugin, vllm_page
+from dl_helpers import EngineState, meta, plugin, serve_app, vllm_page
 
 from epp.config import load_config
 from epp.config.errors import ConfigError
@@ -163,14 +163,6 @@ def test_selector_syntax():
         plugin("prometheus-metric", {"metricName": "x", "aggregate": "avg"})
 
 
-async def _serve(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-
 async def test_bearer_token_https_and_http_errors(tmp_path):
     from epp.extproc.tls import self_signed_certificate
 
@@ -191,7 +183,7 @@ async def test_bearer_token_https_and_http_errors(tmp_path):
     ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
     app = web.Application()
     app.router.add_get("/custom/metrics", metrics)
-    runner, port = await _serve(app, ctx)
+    runner, port = await serve_app(app, ctx)
     target = EndpointMetadata("127.0.0.1", port)
     sources = []
     try:

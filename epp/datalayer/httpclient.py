@@ -322,8 +322,9 @@ def _because(exc: BaseException | None) -> str:
 class ScrapeClient:
     """GET whole bodies over pooled keep-alive HTTP/1.1 connections.
 
-    Bound to the event loop of its first ``get()``; ``close()`` closes every connection.
-    Not picklable on purpose: create it on the loop that uses it.
+    Bound to the event loop of its first ``get()`` (rebound, dropping the connections, when
+    that loop has stopped and another one calls); not thread-safe; ``close()`` closes every
+    connection. Not picklable on purpose: create it on the loop that uses it.
     """
 
     def __init__(
@@ -386,9 +387,9 @@ class ScrapeClient:
 
     async def get(self, url: str) -> bytes:
         """The body of a 200 answer to ``GET url``; FetchError for anything else."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._rebind(loop)
+        loop = self._loop
+        if loop is None or not loop.is_running():  # cheaper than get_running_loop() (a getpid each)
+            loop = self._rebind(asyncio.get_running_loop())
         deadline = loop.time() + self.timeout
         if deadline >= self._next_sweep:  # before the lookup: a sweep may drop targets
             self._sweep(deadline)
@@ -493,10 +494,12 @@ class ScrapeClient:
                              f"{status.location}; only same-origin redirects are followed")
         return nxt
 
-    def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _rebind(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
         """A new event loop (tests, a restarted process): connections of the old one are unusable."""
-        self.close()
-        self._loop = loop
+        if loop is not self._loop:
+            self.close()
+            self._loop = loop
+        return loop
 
     def _sweep(self, t: float) -> None:
         """Close connections idle for ``idle_timeout``; forget hosts without any connection."""

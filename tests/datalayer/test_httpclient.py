@@ -506,6 +506,23 @@ def test_works_on_uvloop():
     uvloop.run(scenario())
 
 
+def test_a_client_moves_to_a_new_event_loop():
+    c = ScrapeClient(timeout=2.0, max_bytes=1 << 20)
+
+    async def scrape_once() -> None:
+        srv = await RawServer(answer(ok(b"x"))).start()
+        try:
+            assert await c.get(srv.url()) == b"x"
+        finally:
+            await srv.stop()
+
+    try:
+        asyncio.run(scrape_once())
+        asyncio.run(scrape_once())  # bound to the first loop, which is closed now: rebinds
+    finally:
+        c.close()
+
+
 # -- any split of the byte stream (property) ----------------------------------------------------
 
 class _Wire(asyncio.Transport):

@@ -1,12 +1,12 @@
 """Running the collector in its own process, feeding compact updates to the serving loop.
 
-Why: scraping and parsing 64 endpoints every 50 ms is ~0.5 core of Python. On the event
+Why: scraping and parsing 64 endpoints every 50 ms is ~0.4 core of Python. On the event
 loop of the ext_proc server that CPU competes with the request path and adds latency to
 whichever request is waiting behind a parse (see ``epp/bench/collector.py`` for the
 measurement). ``ProcessCollector`` has the same ``start()``/``stop()`` API as
 ``Collector``; the server picks one with ``make_collector(mode, ...)``.
 
-How: the wired sources and extractors are pickled (before any session exists; HTTP
+How: the wired sources and extractors are pickled (before any client exists; HTTP
 sources drop theirs when pickled) and a child process started with ``spawn`` (never fork a
 process that runs gRPC) rebuilds them and runs the normal ``Collector`` on its own event
 loop, against a mirror of the pool. The parent tells the child about endpoint additions,

@@ -66,3 +66,15 @@ def test_streaming_smoke(tmp_path: Path) -> None:
     bench(tmp_path, "streaming")
     assert any((tmp_path / "streaming").glob("*.json"))
     assert any((tmp_path / "streaming").glob("*.md"))
+
+
+def test_idle_penalty_measures_the_real_request_path() -> None:
+    from epp.bench.idlecost import MODES, markdown, measure_idle_penalty
+
+    r = measure_idle_penalty(requests=40)
+    assert set(r["request_us"]) == set(MODES) == set(r["chunk_us"])
+    assert all(v > 0 for v in [*r["request_us"].values(), *r["chunk_us"].values()])
+    # Every request completed (its in-flight count returned) and answers were written.
+    assert r["in_flight_after_requests"] == 0
+    assert r["bytes_written"] > 40 * 500
+    assert "after idle" in markdown(r)

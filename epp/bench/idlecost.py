@@ -187,7 +187,7 @@ def markdown(result: dict[str, Any]) -> str:
     rows = [("full-duplex request (JSON answer)", *(result["request_us"][m] for m in MODES)),
             ("one streamed response chunk", *(result["chunk_us"][m] for m in MODES))]
     return "\n".join([
-        "### The same request path without sockets: warm, caches evicted, after idle",
+        "## The same request path without sockets: warm, caches evicted, after idle",
         "",
         f"In-process (`epp/bench/idlecost.py`): one EPP with the default configuration and one of our HTTP/2 "
         f"connections fed the frames Envoy sends; µs of wall time per request or chunk, {result['requests']} "

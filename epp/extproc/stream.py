@@ -123,7 +123,7 @@ class ExtProcStream:
                 if state >= ROUTED:
                     return [msg.EMPTY_REQUEST_TRAILERS]
             elif kind == "response_headers" and state == ROUTED:
-                return self._response_headers(req.response_headers)
+                return self._response_headers(req.response_headers, _metadata(req))
             elif kind == "response_body" and state == ROUTED:
                 # response_header_mode SKIP: the body comes without headers first.
                 self.state = RESPONSE_BODY
@@ -192,8 +192,7 @@ class ExtProcStream:
             self.resp_mode = pc.response_body_mode
         rh = req.request_headers
         self.headers = msg.headers_to_dict(rh)
-        if req.HasField("metadata_context") and req.metadata_context.filter_metadata:
-            self.metadata = {ns: json_format.MessageToDict(st) for ns, st in req.metadata_context.filter_metadata.items()}
+        self.metadata = _metadata(req)
         if rh.end_of_stream:
             dest = self.director.handle_headers_only(self.headers)
             self.state = ROUTED
@@ -235,12 +234,12 @@ class ExtProcStream:
         return out
 
     # --- response phase --------------------------------------------------------------------
-    def _response_headers(self, rh: pb.HttpHeaders) -> list[Out]:
+    def _response_headers(self, rh: pb.HttpHeaders, metadata: dict[str, Any] | None) -> list[Out]:
         self.state = RESPONSE_BODY
         ctx = self.ctx
         if ctx is None:  # header-only request: nothing was scheduled, nothing to observe
             return [msg.EMPTY_RESPONSE_HEADERS]
-        added = ctx.response_headers(msg.headers_to_dict(rh), rh.end_of_stream)
+        added = ctx.response_headers(msg.headers_to_dict(rh), rh.end_of_stream, metadata)
         if rh.end_of_stream:
             self.state = RESPONSE_DONE
             return [msg.response_headers(added)]
@@ -276,3 +275,10 @@ class ExtProcStream:
         if ctx is not None and not ctx.done:
             ctx.complete("timeout" if outcome == "timeout" else "error")
         return [msg.immediate(err)]
+
+
+def _metadata(req: pb.ProcessingRequest) -> dict[str, Any] | None:
+    """The dynamic metadata the proxy forwarded with this message (namespace -> values), if any."""
+    if req.HasField("metadata_context") and req.metadata_context.filter_metadata:
+        return {ns: json_format.MessageToDict(st) for ns, st in req.metadata_context.filter_metadata.items()}
+    return None

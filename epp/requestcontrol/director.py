@@ -332,10 +332,13 @@ class RequestContext:
         return out
 
     # --- response side ---------------------------------------------------------------------
-    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> dict[str, str]:
-        """Response headers arrived; returns the headers to add to the client's response."""
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False,
+                         metadata: dict[str, Any] | None = None) -> dict[str, str]:
+        """Response headers arrived (with the proxy's dynamic metadata, if it forwarded any);
+        returns the headers to add to the client's response."""
         resp = self.response
         resp.headers = headers
+        resp.metadata = metadata
         status = headers.get(":status", "")
         resp.status = int(status) if status.isdigit() else 0
         resp.streaming = "text/event-stream" in headers.get("content-type", "") or self.request.stream

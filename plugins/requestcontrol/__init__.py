@@ -1,4 +1,5 @@
-"""Built-in request-control plugins: parser, data producers, saturation detectors.
+"""Built-in request-control plugins: parser, data producers, saturation detectors, the
+conformance served-endpoint verifier.
 
 Importing this package registers them (``@register`` runs at import).
 """
@@ -8,4 +9,5 @@ from plugins.requestcontrol import (  # noqa: F401  (registration side effects)
     openai_parser,
     prefix_producer,
     saturation,
+    served_verifier,
 )

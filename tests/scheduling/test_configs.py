@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sched_helpers import endpoint
 
-from epp.config import ConfigError, load_config
+from epp.config import load_config
 from epp.config.model import LoadedConfig
 from epp.framework.scheduling import CycleState, SchedulingResult
 from epp.framework.types import Candidate
@@ -73,12 +73,9 @@ def test_example_b_gaie_default_with_lora() -> None:
 
 def test_example_c_header_filter() -> None:
     text = (EXAMPLES / "example-c-conformance.yaml").read_text()
-    try:
-        cfg = load_config(text)
-    except ConfigError as e:
-        # the response-metadata verifier is an ext_proc-side test plugin; without it the error names it
-        assert "plugin type 'destination-endpoint-served-verifier' is not registered" in str(e)
-        cfg = load_config(text.replace("- type: destination-endpoint-served-verifier\n", ""))
+    cfg = load_config(text)
+    # the served-endpoint verifier is a response hook (tests/extproc/test_served_verifier.py)
+    assert [p.plugin_type for p in cfg.response_received] == ["destination-endpoint-served-verifier"]
     eps = [endpoint("10.0.3.1", 3000), endpoint("10.0.3.2", 3000), endpoint("10.0.3.3", 3000)]
     for _ in range(10):
         result, _ = decide(cfg, eps, chat_body("x"), {**CHAT, "test-epp-endpoint-selection": "10.0.3.2,10.0.3.3:3000"})

@@ -6,13 +6,13 @@ Import note: ``envoy.*`` here are the protobuf stubs from xds-protos (never
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from epp.requestcontrol.errors import RequestError
 
@@ -42,6 +42,42 @@ EMPTY_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersRes
 # Per-chunk acknowledgements (STREAMED body modes), pre-serialised: sent once per chunk.
 EMPTY_REQUEST_BODY_RAW = EMPTY_REQUEST_BODY.SerializeToString()
 EMPTY_RESPONSE_BODY_RAW = EMPTY_RESPONSE_BODY.SerializeToString()
+
+
+class ForwardedMetadata(Mapping[str, Any]):
+    """The dynamic metadata the proxy forwarded with a message (namespace -> plain values).
+
+    A namespace is converted from protobuf only when someone reads it: Envoy forwards
+    ``envoy.lb`` with every response once the EPP has set it, and converting it eagerly
+    would cost every request for the one plugin that may look.
+    """
+
+    __slots__ = ("_raw", "_cache")
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw  # the message's metadata_context.filter_metadata map
+        self._cache: dict[str, Any] = {}
+
+    def __getitem__(self, namespace: str) -> Any:
+        value = self._cache.get(namespace)
+        if value is None:
+            if namespace not in self._raw:
+                raise KeyError(namespace)
+            value = self._cache[namespace] = json_format.MessageToDict(self._raw[namespace])
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._raw))
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+def forwarded_metadata(req: pb.ProcessingRequest) -> ForwardedMetadata | None:
+    """The metadata the proxy forwarded with ``req``, or None if it sent none."""
+    if req.HasField("metadata_context") and req.metadata_context.filter_metadata:
+        return ForwardedMetadata(req.metadata_context.filter_metadata)
+    return None
 
 
 def header_options(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:

@@ -34,10 +34,9 @@ exactly once, from ``finish`` at the latest.
 from __future__ import annotations
 
 import logging
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import json_format
 
 from epp.extproc import messages as msg
 from epp.requestcontrol.director import Director, RequestContext
@@ -86,7 +85,7 @@ class ExtProcStream:
         self.req_mode = settings.default_request_mode
         self.resp_mode = settings.default_response_mode
         self.headers: dict[str, str] = {}
-        self.metadata: dict[str, Any] | None = None
+        self.metadata: Mapping[str, Any] | None = None
         self.chunks: list[bytes] = []
         self.size = 0
         self.ctx: RequestContext | None = None
@@ -123,7 +122,7 @@ class ExtProcStream:
                 if state >= ROUTED:
                     return [msg.EMPTY_REQUEST_TRAILERS]
             elif kind == "response_headers" and state == ROUTED:
-                return self._response_headers(req.response_headers, _metadata(req))
+                return self._response_headers(req.response_headers, msg.forwarded_metadata(req))
             elif kind == "response_body" and state == ROUTED:
                 # response_header_mode SKIP: the body comes without headers first.
                 self.state = RESPONSE_BODY
@@ -192,7 +191,7 @@ class ExtProcStream:
             self.resp_mode = pc.response_body_mode
         rh = req.request_headers
         self.headers = msg.headers_to_dict(rh)
-        self.metadata = _metadata(req)
+        self.metadata = msg.forwarded_metadata(req)
         if rh.end_of_stream:
             dest = self.director.handle_headers_only(self.headers)
             self.state = ROUTED
@@ -234,7 +233,7 @@ class ExtProcStream:
         return out
 
     # --- response phase --------------------------------------------------------------------
-    def _response_headers(self, rh: pb.HttpHeaders, metadata: dict[str, Any] | None) -> list[Out]:
+    def _response_headers(self, rh: pb.HttpHeaders, metadata: Mapping[str, Any] | None) -> list[Out]:
         self.state = RESPONSE_BODY
         ctx = self.ctx
         if ctx is None:  # header-only request: nothing was scheduled, nothing to observe
@@ -275,10 +274,3 @@ class ExtProcStream:
         if ctx is not None and not ctx.done:
             ctx.complete("timeout" if outcome == "timeout" else "error")
         return [msg.immediate(err)]
-
-
-def _metadata(req: pb.ProcessingRequest) -> dict[str, Any] | None:
-    """The dynamic metadata the proxy forwarded with this message (namespace -> values), if any."""
-    if req.HasField("metadata_context") and req.metadata_context.filter_metadata:
-        return {ns: json_format.MessageToDict(st) for ns, st in req.metadata_context.filter_metadata.items()}
-    return None

@@ -65,7 +65,7 @@ class InferenceResponse:
     added_headers: dict[str, str] = field(default_factory=dict)
     # The proxy's dynamic metadata sent with the response headers (namespace -> values), when
     # its ext_proc filter forwards any (e.g. envoy.lb / x-gateway-destination-endpoint-served).
-    metadata: dict[str, Any] | None = None
+    metadata: Mapping[str, Any] | None = None
 
 
 class Candidate:

@@ -333,7 +333,7 @@ class RequestContext:
 
     # --- response side ---------------------------------------------------------------------
     def response_headers(self, headers: dict[str, str], end_of_stream: bool = False,
-                         metadata: dict[str, Any] | None = None) -> dict[str, str]:
+                         metadata: Mapping[str, Any] | None = None) -> dict[str, str]:
         """Response headers arrived (with the proxy's dynamic metadata, if it forwarded any);
         returns the headers to add to the client's response."""
         resp = self.response

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from aiohttp import web
+from local_servers import serve_app
 
 from epp.bench.pacedload import paced
 
@@ -20,11 +21,7 @@ async def _server(handler) -> tuple[web.AppRunner, str, dict[str, int]]:
 
     app = web.Application()
     app.router.add_post("/p", counting)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app)
     return runner, f"http://127.0.0.1:{port}/p", seen
 
 

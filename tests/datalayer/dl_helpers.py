@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import time
 from collections import Counter
 from typing import Any, Callable
@@ -85,15 +84,6 @@ class PageServer:
         if bad is not None:
             return bad
         return web.Response(text=json.dumps({"object": "list", "data": self.models}), content_type="application/json")
-
-
-async def serve_app(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
-    """Start ``app`` on a free 127.0.0.1 port (TLS with ``ssl_context``); returns (runner, port)."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:

@@ -17,7 +17,8 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 from aiohttp import web
-from dl_helpers import plugin, serve_app
+from dl_helpers import plugin
+from local_servers import serve_app
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -6,7 +6,8 @@ import ssl
 
 import pytest
 from aiohttp import web
-from dl_helpers import EngineState, meta, plugin, serve_app, vllm_page
+from dl_helpers import EngineState, meta, plugin, vllm_page
+from local_servers import serve_app
 
 from epp.config import load_config
 from epp.config.errors import ConfigError

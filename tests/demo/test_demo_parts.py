@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
+from local_servers import serve_app
 
 from epp.demo.explain import DecisionFeed, explain, short_scorer
 from epp.demo.summary import histogram_mean, summarize
@@ -165,11 +166,7 @@ async def decisions_server() -> AsyncIterator[tuple[str, dict[str, Any]]]:
 
     app = web.Application()
     app.router.add_get("/debug/decisions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app)
     try:
         yield f"http://127.0.0.1:{port}", state
     finally:

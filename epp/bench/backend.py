@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+import sys
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+if TYPE_CHECKING:
+    from epp.bench.procs import ProcessGroup
+
+
+def start_backend(group: "ProcessGroup", module: str, name: str, timeout: float = 30.0) -> str:
+    """Run ``python -m <module> --backend PORT`` (which calls ``serve_backend(name, ...)``) in
+    ``group``; returns its ``127.0.0.1:PORT`` once it accepts connections."""
+    from epp.bench.procs import free_port
+
+    port = free_port()
+    proc = group.start("backend", [sys.executable, "-m", module, "--backend", str(port)])
+    group.wait_for_log(proc, rf"{name} backend ready", timeout=timeout)
+    group.wait_for_tcp(proc, "127.0.0.1", port, timeout=timeout)  # the line is printed before binding
+    return f"127.0.0.1:{port}"
 
 
 def serve_backend(name: str, port: int, post: Callable[[Any], Awaitable[Any]], metrics_page: Any) -> None:

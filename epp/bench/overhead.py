@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from epp.bench.backend import serve_backend
+from epp.bench.backend import serve_backend, start_backend
 from epp.bench.idlecost import markdown as idle_markdown
 from epp.bench.idlecost import measure_idle_penalty
 from epp.bench.pacedload import run_paced
-from epp.bench.procs import ProcessGroup, free_port
+from epp.bench.procs import ProcessGroup
 
 BODY = json.dumps({"model": "bench-model", "prompt": "The quick brown fox jumps over the lazy dog. " * 4,
                    "max_tokens": 16}).encode()
@@ -174,10 +174,7 @@ def run_overhead_bench(out_dir: Path, *, smoke: bool = False, cores: tuple[str, 
     cores = cores or (("fast",) if smoke else ("fast", "grpcio"))
     results: list[RunResult] = []
     with ProcessGroup(out_dir / "logs") as group:
-        port = free_port()
-        backend = group.start("backend", [sys.executable, "-m", "epp.bench.overhead", "--backend", str(port)])
-        group.wait_for_log(backend, r"overhead backend ready", timeout=30)
-        address = f"127.0.0.1:{port}"
+        address = start_backend(group, "epp.bench.overhead", "overhead")
         direct = start_envoy_template(group, "envoy-direct.yaml", backends=[address], name="envoy-direct")
         stacks = []
         for core in cores:

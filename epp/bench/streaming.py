@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from epp.bench.backend import serve_backend
-from epp.bench.procs import ProcessGroup, free_port
+from epp.bench.backend import serve_backend, start_backend
+from epp.bench.procs import ProcessGroup
 
 MODEL = "bench-model"
 DELAY = 0.002  # between events: Envoy then forwards each event as its own chunk
@@ -239,10 +239,7 @@ def run_streaming_bench(out_dir: Path, *, smoke: bool = False, settings: Setting
     wanted = [c for c in CONFIGS if c[0] in s.configs]
     cells: list[Cell] = []
     with ProcessGroup(out_dir / "logs") as group:
-        port = free_port()
-        backend = group.start("backend", [sys.executable, "-m", "epp.bench.streaming", "--backend", str(port)])
-        group.wait_for_log(backend, r"streaming backend ready", timeout=30)
-        address = f"127.0.0.1:{port}"
+        address = start_backend(group, "epp.bench.streaming", "streaming")
         epps = {"main": start_epp(group, [address], name="epp",
                                   extra=["--response-body-policy", "non-streaming"])}
         if any(which == "always" for _, _, which in wanted):

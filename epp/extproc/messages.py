@@ -260,28 +260,14 @@ def parse_response_body(raw: bytes, pos: int = 0) -> tuple[bytes, bool] | None:
     try:
         if raw[pos] != _REQ_RESPONSE_BODY:
             return None
-        # Lengths of a token chunk's message fit in one or two varint bytes: decoded inline,
-        # since a call per varint is measurable on the per-token path.
-        b = raw[pos + 1]
-        if b < 0x80:
-            size, pos = b, pos + 2
-        elif raw[pos + 2] < 0x80:
-            size, pos = (b & 0x7F) | raw[pos + 2] << 7, pos + 3
-        else:
-            size, pos = _read_varint(raw, pos + 1)
+        size, pos = _read_varint(raw, pos + 1)
         stop = pos + size
         if stop > end:
             return None
         body = b""
         eos = False
         if pos < stop and raw[pos] == 0x0A:
-            b = raw[pos + 1]
-            if b < 0x80:
-                n, pos = b, pos + 2
-            elif raw[pos + 2] < 0x80:
-                n, pos = (b & 0x7F) | raw[pos + 2] << 7, pos + 3
-            else:
-                n, pos = _read_varint(raw, pos + 1)
+            n, pos = _read_varint(raw, pos + 1)
             if pos + n > stop:
                 return None
             body = raw[pos:pos + n]

@@ -20,6 +20,7 @@ The same for one streamed response chunk (full-duplex echo).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import struct
 import time
@@ -106,35 +107,26 @@ async def _measure(requests: int) -> dict[str, Any]:
     call_headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"epp"),
                     (b":path", b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
                     (b"content-type", b"application/grpc"), (b"te", b"trailers")]
-    sid = 1
+    stream_ids = itertools.count(1, 2)  # client-initiated HTTP/2 streams are odd
 
-    def open_stream() -> int:
-        nonlocal sid
-        sid += 2
-        conn.data_received(frame(HEADERS, F_END_HEADERS, sid, encoder.encode(call_headers))
-                           + frame(DATA, 0, sid, request_msgs) + frame(DATA, 0, sid, body_msg))
-        return sid
+    def opening(sid: int) -> bytes:
+        """A new ext_proc stream: call headers, request headers, request body (what Envoy sends first)."""
+        return (frame(HEADERS, F_END_HEADERS, sid, encoder.encode(call_headers))
+                + frame(DATA, 0, sid, request_msgs) + frame(DATA, 0, sid, body_msg))
 
     # The Envoy-side frames are built before the clock starts; only the EPP's handling is timed.
-    def one_request() -> float:
-        s = sid + 2
-        opening = (frame(HEADERS, F_END_HEADERS, s, encoder.encode(call_headers))
-                   + frame(DATA, 0, s, request_msgs) + frame(DATA, 0, s, body_msg))
-        response = frame(DATA, 0, s, json_response[0]) + frame(DATA, 0, s, json_response[1])
-        reset = frame(RST_STREAM, 0, s, b"\x00\x00\x00\x08")
+    def request_step() -> float:
+        sid = next(stream_ids)
+        first = opening(sid)
+        response = frame(DATA, 0, sid, json_response[0]) + frame(DATA, 0, sid, json_response[1])
+        reset = frame(RST_STREAM, 0, sid, b"\x00\x00\x00\x08")
         t = time.perf_counter()
-        conn.data_received(opening)
+        conn.data_received(first)
         conn.data_received(response)
         conn.data_received(reset)
         return time.perf_counter() - t
 
-    def request_step() -> float:
-        nonlocal sid
-        took = one_request()
-        sid += 2
-        return took
-
-    chunk_sid = 0
+    chunk_sid = 0  # the streaming stream, opened after the request measurements
 
     def chunk_step() -> float:
         f = frame(DATA, 0, chunk_sid, chunk)
@@ -171,8 +163,8 @@ async def _measure(requests: int) -> dict[str, Any]:
 
     result: dict[str, Any] = {"requests": requests, "idle_ms": _IDLE_SECONDS * 1e3,
                               "evicted_bytes": _EVICT_BYTES, "request_us": await run(request_step, requests)}
-    chunk_sid = open_stream()
-    conn.data_received(frame(DATA, 0, chunk_sid, sse_headers))
+    chunk_sid = next(stream_ids)
+    conn.data_received(opening(chunk_sid) + frame(DATA, 0, chunk_sid, sse_headers))
     result["chunk_us"] = await run(chunk_step, requests * 2)
     result["in_flight_after_requests"] = director.in_flight - 1  # minus the open streaming one
     result["bytes_written"] = transport.written

@@ -10,10 +10,10 @@ test fails with a reason instead of a missing header.
 
 from __future__ import annotations
 
+from epp.extproc.messages import LB_NAMESPACE
 from epp.framework import Plugin, ResponseReceived, register
 from epp.framework.types import InferenceRequest, InferenceResponse
 
-LB_NAMESPACE = "envoy.lb"
 SERVED_KEY = "x-gateway-destination-endpoint-served"
 RESULT_HEADER = "x-conformance-test-served-endpoint"
 MISSING_NAMESPACE = "fail: missing envoy lb metadata"

@@ -102,10 +102,6 @@ class _WarnLimiter:
             log.debug(msg, *args)
             self._last[key] = (last, suppressed + 1)
 
-    @property
-    def active(self) -> bool:
-        return bool(self._last)
-
     def clear(self, key: tuple[str, str]) -> None:
         self._last.pop(key, None)
 
@@ -247,8 +243,7 @@ class Collector:
             if data is None:  # the source had nothing due (e.g. a slower refresh interval)
                 continue
             ok += 1
-            if self._warn.active:
-                self._warn.clear((ep.key, source.name))
+            self._warn.clear((ep.key, source.name))
             for ex in w.extractors:
                 try:
                     ex.extract(data, ep)

@@ -42,14 +42,13 @@ def _prompt_ids(req: BenchRequest) -> list[int]:
 
 
 def _sim_requests(requests: Sequence[BenchRequest], cfg: SimConfig) -> list[SimRequest]:
-    base = cfg.served_name
     out = []
     for i, r in enumerate(requests):
         ids = _prompt_ids(r)
         is_lora = r.model in cfg.lora_adapters
         out.append(SimRequest(
             rid=str(i), model=r.model, lora=r.model if is_lora else None, prompt_len=len(ids),
-            block_hashes=block_hashes(ids, cfg.block_size, r.model if is_lora else base),
+            block_hashes=block_hashes(ids, cfg.block_size, 0, r.model if is_lora else None),
             max_tokens=r.max_tokens, target_len=r.max_tokens, arrival=r.at,
         ))
     return out

@@ -13,12 +13,14 @@ See README.md in this package.
 
 from epp.sim.config import DEFAULT_MODEL, SimConfig
 from epp.sim.fleet import SimFleet, SimServer, start_fleet
+from epp.sim.kvevents import KVEventsConfig
 from epp.sim.server import ADDRESS_HEADER, FORCE_ERROR_HEADER, SERVER_HEADER
 
 __all__ = [
     "ADDRESS_HEADER",
     "DEFAULT_MODEL",
     "FORCE_ERROR_HEADER",
+    "KVEventsConfig",
     "SERVER_HEADER",
     "SimConfig",
     "SimFleet",

@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import signal
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 from epp.sim.config import DEFAULT_MODEL, ENGINE_FLAVORS, SimConfig
-from epp.sim.fleet import SimFleet, fleet_configs
+from epp.sim.fleet import SimFleet, fleet_configs, placements
+from epp.sim.kvevents import EVENT_FORMATS, KVEventsConfig
 
 T = TypeVar("T")
 
@@ -41,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--port", type=int, default=8001, help="first port when --ports is not given (default 8001)")
     net.add_argument("--count", type=int, default=1, help="number of servers on consecutive ports from --port")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    net.add_argument("--hosts", type=_csv(str), default=None,
+                     help="comma-separated addresses, one server each (e.g. 127.0.0.2,127.0.0.3 with --port 8000: "
+                          "pod-like servers on one port); overrides --host")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
@@ -64,6 +69,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="median output length when ignore_eos is not set (log-normal, capped by max_tokens)")
     sched.add_argument("--seed", type=int, default=d.seed, help="RNG seed (server i uses seed+i)")
 
+    sched.add_argument("--hash-seed", default=os.environ.get("PYTHONHASHSEED"),
+                       help="seed of the prefix-cache block hashes, like vLLM's PYTHONHASHSEED (default: "
+                            "$PYTHONHASHSEED; unset = random per server start)")
+
+    kv = parser.add_argument_group("KV events (vLLM's --kv-events-config)")
+    kv.add_argument("--kv-events-config", type=_kv_events_config, default=None, metavar="JSON",
+                    help='e.g. \'{"enable_kv_cache_events": true}\': vLLM\'s fields and defaults (publisher zmq, '
+                         'endpoint tcp://*:5557, replay_endpoint, buffer_steps 10000, hwm 100000, max_queue_size '
+                         '100000, topic ""); * binds the server\'s own address; servers sharing an address get '
+                         'event/replay ports + 0, 1, 2, ...; the topic may use $(POD_IP), $(POD_PORT), {model}')
+    kv.add_argument("--kv-events-format", choices=EVENT_FORMATS, default="map",
+                    help="map: events as msgpack maps tagged by \"type\" (vLLM since PR #42892, default); "
+                         "array: the older positional arrays")
+
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora-adapters", type=_csv(str), default=[],
                       help="comma-separated adapter names registered at start, loaded into a slot on first use")
@@ -86,14 +105,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fail.add_argument("--hang-rate", type=float, default=0.0, help="probability a generation request never answers")
 
 
+def _kv_events_config(text: str) -> KVEventsConfig:
+    try:
+        return KVEventsConfig.from_json(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_fleet(args: argparse.Namespace) -> SimFleet:
     """Turn parsed flags into a (not yet started) fleet; raises ValueError on bad flags."""
+    hosts: list[str] = args.hosts or [args.host]
     if args.ports:
         ports: list[int] = args.ports
+    elif args.hosts and args.count == 1:  # pod-like: every address on --port
+        ports = [args.port]
     else:  # consecutive ports; --port 0 means a free port for each server
         ports = [args.port + i if args.port else 0 for i in range(args.count)]
     if not ports:
         raise ValueError("no ports given")
+    where = placements(ports, hosts)
     base = SimConfig(
         model=args.model,
         served_model_names=tuple(args.served_model_name or ()),
@@ -115,13 +145,16 @@ def build_fleet(args: argparse.Namespace) -> SimFleet:
         fail_rate=args.fail_rate,
         hang_rate=args.hang_rate,
         engine_flavor=args.engine_flavor,
+        hash_seed=args.hash_seed,
+        kv_events=args.kv_events_config,
+        kv_events_format=args.kv_events_format,
     )
-    configs = fleet_configs(base, len(ports), args.speed)
+    configs = fleet_configs(base, len(where), args.speed)
     if args.name:
         if len(args.name) != len(configs):
             raise ValueError(f"got {len(args.name)} names for {len(configs)} servers")
         configs = [dataclasses.replace(c, name=n) for c, n in zip(configs, args.name)]
-    return SimFleet(ports, host=args.host, configs=configs)
+    return SimFleet(ports, hosts=hosts, configs=configs)
 
 
 async def serve(fleet: SimFleet, stop: asyncio.Event | None = None) -> None:
@@ -139,7 +172,12 @@ async def serve(fleet: SimFleet, stop: asyncio.Event | None = None) -> None:
         await fleet.start()
         for server in fleet.servers:
             cfg = server.config
-            print(f"sim ready name={server.name} url={server.url} model={cfg.served_name} speed={cfg.speed:g}",
+            kv = ""
+            if server.kv_events_endpoint:
+                kv = f" kv_events={server.kv_events_endpoint}"
+                if server.kv_replay_endpoint:
+                    kv += f" kv_replay={server.kv_replay_endpoint}"
+            print(f"sim ready name={server.name} url={server.url} model={cfg.served_name} speed={cfg.speed:g}{kv}",
                   flush=True)
         await stop.wait()
     finally:

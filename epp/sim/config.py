@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from epp.sim.kvevents import EVENT_FORMATS, KVEventsConfig
+
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 ENGINE_FLAVORS = ("vllm", "sglang")
@@ -39,6 +41,13 @@ class SimConfig:
     # Paged KV cache
     block_size: int = 16
     num_gpu_blocks: int = 2048
+    # Seeds the block-hash chain like vLLM's PYTHONHASHSEED; None = random per server start.
+    hash_seed: str | None = None
+
+    # KV events (vLLM's --kv-events-config); None = off. The format is "map"
+    # (vLLM's current msgpack encoding) or "array" (the older positional one).
+    kv_events: KVEventsConfig | None = None
+    kv_events_format: str = "map"
 
     # LoRA
     max_loras: int = 4
@@ -65,6 +74,8 @@ class SimConfig:
             object.__setattr__(self, "served_model_names", (self.model,))
         if self.engine_flavor not in ENGINE_FLAVORS:
             raise ValueError(f"engine_flavor must be one of {ENGINE_FLAVORS}")
+        if self.kv_events_format not in EVENT_FORMATS:
+            raise ValueError(f"kv_events_format must be one of {EVENT_FORMATS}")
         for attr in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks", "max_model_len"):
             if getattr(self, attr) < 1:
                 raise ValueError(f"{attr} must be >= 1")

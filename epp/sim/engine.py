@@ -19,8 +19,9 @@ import random
 from collections.abc import Sequence
 
 from epp.sim.config import SimConfig
+from epp.sim.kvevents import NullPublisher, Publisher
 from epp.sim.scheduler import Scheduler, SimRequest
-from epp.sim.tokenizer import block_hashes
+from epp.sim.tokenizer import block_hashes, chain_root
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,14 @@ _MAX_CATCH_UP = 0.05
 
 
 class Engine:
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, publisher: Publisher | None = None) -> None:
         self.config = config
         self.scheduler = Scheduler(config)
+        self.publisher: Publisher = NullPublisher()
+        if publisher is not None:
+            self.attach_publisher(publisher)
+        # The root of every block-hash chain: vLLM's NONE_HASH (random per start unless seeded).
+        self.hash_root = chain_root(config.hash_seed)
         # Separate streams so a failure draw never changes an output length.
         self._len_rng = random.Random(config.seed)
         self._jitter_rng = random.Random(config.seed ^ 0x5EED)
@@ -68,6 +74,12 @@ class Engine:
                 pass  # already logged by _run
         self._abort_all()
 
+    def attach_publisher(self, publisher: Publisher) -> None:
+        """Publish KV events through ``publisher``; the cache logs them only when somebody does."""
+        self.publisher = publisher
+        if publisher.enabled:
+            self.scheduler.kv.record_events()
+
     # -- requests ------------------------------------------------------------------
 
     def submit(
@@ -89,13 +101,16 @@ class Engine:
             # Heavy-tailed "natural" length (where EOS would come), capped by max_tokens.
             natural = int(self._len_rng.lognormvariate(self._log_median, cfg.output_len_sigma)) + 1
             target = min(max_tokens, max(min_tokens, natural))
+        ids = list(prompt_ids)
         req = SimRequest(
             rid=f"{cfg.name}-{next(self._ids)}",
             model=model,
             lora=lora,
-            prompt_len=len(prompt_ids),
-            # Aliases of the base model share KV; each adapter has its own.
-            block_hashes=block_hashes(prompt_ids, cfg.block_size, lora or cfg.served_name),
+            lora_id=None if lora is None else self.scheduler.lora.ids.get(lora),
+            prompt_len=len(ids),
+            prompt_ids=ids,
+            # Aliases of the base model share KV; each adapter has its own (its name is an extra key).
+            block_hashes=block_hashes(ids, cfg.block_size, self.hash_root, lora),
             max_tokens=max_tokens,
             target_len=target,
             arrival=asyncio.get_running_loop().time(),
@@ -123,6 +138,26 @@ class Engine:
         for req in reqs:
             req.waiter = fut
         await fut
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """vLLM's ``reset_prefix_cache``: drop every cached block; False if blocks are in use.
+
+        With ``reset_running_requests`` the running requests are preempted first
+        (they recompute later). The AllBlocksCleared event goes out at once.
+        """
+        sched = self.scheduler
+        if reset_running_requests:
+            sched.preempt_all()
+            self._kick()
+        if sched.kv.num_used:
+            return False
+        sched.kv.reset()
+        self._flush_events()
+        return True
+
+    def _flush_events(self) -> None:
+        if self.scheduler.kv.events:
+            self.publisher.publish(self.scheduler.kv.take_events())
 
     def _kick(self) -> None:
         # Aborts free KV and slots: let an idle-waiting loop re-check its queue.
@@ -157,10 +192,13 @@ class Engine:
         jitter = self.config.jitter
         lo, hi = 1.0 - 3 * jitter, 1.0 + 3 * jitter
         gauss = self._jitter_rng.gauss
+        kv = sched.kv
         clock = loop.time()  # when the previous step ended on the virtual clock
         while True:
             now = loop.time()
             step = sched.schedule(now)
+            if kv.events:  # one batch per step that changed the cache, as vLLM
+                self._flush_events()
             if step is None:
                 wake.clear()
                 await wake.wait()

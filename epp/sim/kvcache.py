@@ -13,24 +13,41 @@ block and generated tokens). Invariant:
 
 Allocation takes never-used free blocks first and only then evicts the least
 recently used cached block, so the prefix cache keeps as much as it can.
+
+With ``record_events()`` the cache also logs what vLLM's block pool reports
+as KV events, in order: a block hash entering the cache (``STORED``, one per
+run of consecutive new blocks of a request), leaving it (``REMOVED``, one per
+evicted block) and a reset (``CLEARED``). The engine drains ``events`` after
+each step; kvevents.py turns them into vLLM's wire format.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
+from typing import Any, Protocol
+
+# Event tags in KVCache.events:
+#   (STORED, block_hashes, parent_hash or None, token_ids, lora_id, lora_name)
+#   (REMOVED, block_hash)
+#   (CLEARED,)
+STORED = 0
+REMOVED = 1
+CLEARED = 2
 
 
 class KVHolder(Protocol):
     """What the cache needs to know about a request (see scheduler.SimRequest)."""
 
     block_hashes: list[int]
+    prompt_ids: list[int]
+    lora: str | None
+    lora_id: int | None
     num_hashed: int
     num_anon: int
 
 
 class KVCache:
-    __slots__ = ("block_size", "num_blocks", "free_uncached", "cached", "evictable", "evictions")
+    __slots__ = ("block_size", "num_blocks", "free_uncached", "cached", "evictable", "evictions", "events")
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
@@ -39,6 +56,21 @@ class KVCache:
         self.cached: dict[int, int] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.evictions = 0
+        # None: nobody listens, record nothing (the common, zero-cost case).
+        self.events: list[tuple[Any, ...]] | None = None
+
+    def record_events(self) -> None:
+        """Start logging stores, evictions and resets into ``events``."""
+        if self.events is None:
+            self.events = []
+
+    def take_events(self) -> list[tuple[Any, ...]]:
+        """The events logged since the last call, oldest first."""
+        events = self.events
+        if not events:
+            return []
+        self.events = []
+        return events
 
     # -- queries -----------------------------------------------------------------
 
@@ -100,18 +132,30 @@ class KVCache:
             return False
 
         evictable = self.evictable
+        # Runs [start, end) of block indices new to the cache, for the events.
+        runs: list[list[int]] | None = [] if self.events is not None else None
+        index = have_hashed
         for h in new_hashes:
             rc = cached.get(h)
             if rc is None:
                 cached[h] = 1
+                if runs is not None:
+                    if runs and runs[-1][1] == index:
+                        runs[-1][1] = index + 1
+                    else:
+                        runs.append([index, index + 1])
             else:
                 if rc == 0:
                     del evictable[h]
                 cached[h] = rc + 1
+            index += 1
         if need > 0:
             self._take(need)
         elif need < 0:
             self.free_uncached -= need
+        if runs:
+            # After the evictions that made room, as vLLM's block pool orders them.
+            self._log_stored(req, runs)
         req.num_hashed = hashed_target
         req.num_anon = total_target - hashed_target
         return True
@@ -140,6 +184,8 @@ class KVCache:
         self.cached.clear()
         self.evictable.clear()
         self.free_uncached = self.num_blocks
+        if self.events is not None:
+            self.events.append((CLEARED,))
 
     def _take(self, n: int) -> None:
         from_free = min(n, self.free_uncached)
@@ -147,7 +193,19 @@ class KVCache:
         n -= from_free
         evictable = self.evictable
         cached = self.cached
+        events = self.events
         for _ in range(n):
             h, _ = evictable.popitem(last=False)
             del cached[h]
+            if events is not None:
+                events.append((REMOVED, h))
         self.evictions += n
+
+    def _log_stored(self, req: KVHolder, runs: list[list[int]]) -> None:
+        assert self.events is not None
+        bs = self.block_size
+        hashes = req.block_hashes
+        ids = req.prompt_ids
+        for start, end in runs:
+            parent = hashes[start - 1] if start else None
+            self.events.append((STORED, hashes[start:end], parent, ids[start * bs : end * bs], req.lora_id, req.lora))

@@ -20,12 +20,17 @@ from collections import OrderedDict
 
 
 class LoraSlots:
-    __slots__ = ("max_loras", "registered", "resident", "running", "loads")
+    __slots__ = ("max_loras", "registered", "ids", "_next_id", "resident", "running", "loads")
 
     def __init__(self, max_loras: int, adapters: tuple[str, ...] = ()) -> None:
         self.max_loras = max_loras
         # name -> path (the path is only echoed back by /v1/models)
-        self.registered: dict[str, str] = {name: f"/adapters/{name}" for name in adapters}
+        self.registered: dict[str, str] = {}
+        # name -> vLLM's lora_int_id: 1, 2, ... in registration order, never reused.
+        self.ids: dict[str, int] = {}
+        self._next_id = 1
+        for name in adapters:
+            self.register(name, f"/adapters/{name}")
         self.resident: OrderedDict[str, None] = OrderedDict()
         # adapter -> number of running requests using it
         self.running: dict[str, int] = {}
@@ -66,12 +71,15 @@ class LoraSlots:
         if name in self.registered:
             return False
         self.registered[name] = path
+        self.ids[name] = self._next_id
+        self._next_id += 1
         return True
 
     def unregister(self, name: str) -> bool:
         """False if unknown. Requests already accepted for it still finish."""
         if self.registered.pop(name, None) is None:
             return False
+        del self.ids[name]
         if name not in self.running:
             self.resident.pop(name, None)
         return True

@@ -223,6 +223,40 @@ def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
 
 
+# Sampling fields copied from the request into a render reply when present; the
+# length fields always appear, resolved as the engine resolves them.
+_ECHOED_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty")
+
+
+def render_replies(gen: Generation, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """vLLM's render reply: one ``GenerateRequest`` per prompt, with the engine's token ids.
+
+    ``token_ids`` are exactly what generation would feed the engine (same
+    parsing, same tokenizer), so they match the ``token_ids`` of its KV events.
+    ``sampling_params`` is a subset of vLLM's (see _ECHOED_SAMPLING).
+    """
+    sampling: dict[str, Any] = {k: body[k] for k in _ECHOED_SAMPLING if body.get(k) is not None}
+    sampling.update(n=gen.n, max_tokens=gen.max_tokens, min_tokens=gen.min_tokens, ignore_eos=gen.ignore_eos)
+    options = body.get("stream_options")
+    priority = body.get("priority", 0)
+    return [
+        {
+            "request_id": new_id(gen.chat),
+            "token_ids": ids,
+            "features": None,
+            "sampling_params": sampling,
+            "model": gen.model,
+            "stream": gen.stream,
+            "stream_options": options if isinstance(options, Mapping) else None,
+            "cache_salt": body.get("cache_salt"),
+            "priority": priority if isinstance(priority, int) else 0,
+            "kv_transfer_params": body.get("kv_transfer_params"),
+        }
+        for ids in gen.prompts
+    ]
+
+
 def full_response(gen: Generation, rid: str, seqs: Sequence[SimRequest]) -> dict[str, Any]:
     created = int(time.time())
     choices: list[dict[str, Any]] = []

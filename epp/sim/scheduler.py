@@ -36,8 +36,8 @@ class SimRequest:
     """One sequence in the engine (an OpenAI request with n=2 makes two)."""
 
     __slots__ = (
-        "rid", "model", "lora", "prompt_len", "block_hashes", "max_tokens", "target_len",
-        "stream", "arrival",
+        "rid", "model", "lora", "lora_id", "prompt_len", "prompt_ids", "block_hashes", "max_tokens",
+        "target_len", "stream", "arrival",
         "num_computed", "num_output", "num_hashed", "num_anon", "scheduled", "running",
         "cached_tokens", "first_scheduled", "first_token_time", "last_token_time",
         "finish_time", "finish_reason", "preemptions", "waiter",
@@ -54,11 +54,17 @@ class SimRequest:
         target_len: int,
         arrival: float,
         stream: bool = False,
+        prompt_ids: list[int] | None = None,
+        lora_id: int | None = None,
     ) -> None:
         self.rid = rid
         self.model = model
         self.lora = lora
+        # vLLM's integer adapter id (lora_int_id), reported in KV events.
+        self.lora_id = lora_id
         self.prompt_len = prompt_len
+        # The token ids the KV blocks hold; KV events carry them.
+        self.prompt_ids = prompt_ids if prompt_ids is not None else []
         self.block_hashes = block_hashes
         self.max_tokens = max_tokens
         self.target_len = target_len
@@ -236,8 +242,8 @@ class Scheduler:
         finished: list[SimRequest] = []
         itl = stats.itl
         for req in step.reqs:
-            if req.finish_reason is not None:
-                continue  # aborted while the step ran
+            if req.finish_reason is not None or not req.running:
+                continue  # aborted or preempted (a prefix-cache reset) while the step ran
             req.num_computed += req.scheduled
             if req.num_computed < req.prompt_len + req.num_output:
                 continue  # a prefill chunk: no token yet
@@ -257,6 +263,11 @@ class Scheduler:
         if finished:
             self.running = [r for r in self.running if r.finish_reason is None]
         return emitted, finished
+
+    def preempt_all(self) -> None:
+        """Preempt every running request, newest first (vLLM's reset_running_requests)."""
+        while self.running:
+            self._preempt(self.running.pop())
 
     # -- helpers -----------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from epp.sim.protocol import (
     full_response,
     new_id,
     parse_generation,
+    render_replies,
     resolve_model,
 )
 from epp.sim.scheduler import SimRequest
@@ -80,6 +81,7 @@ class SimApp:
         r.add_post("/tokenize", self._api(self.tokenize))
         r.add_post("/v1/load_lora_adapter", self._api(self.load_lora))
         r.add_post("/v1/unload_lora_adapter", self._api(self.unload_lora))
+        r.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         r.add_get("/health", self.health)
         r.add_get("/ping", self.health)
         r.add_post("/ping", self.health)
@@ -233,11 +235,17 @@ class SimApp:
         return _json({"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": ids,
                       "token_strs": None})
 
+    async def _render(self, request: web.Request, chat: bool) -> list[dict[str, Any]]:
+        # The very parsing generation uses, so the ids are the engine's.
+        body = await _read_json(request)
+        gen = parse_generation(body, chat, self.config, self.engine.scheduler.lora)
+        return render_replies(gen, body)
+
     async def render_completion(self, request: web.Request) -> web.Response:
-        return _json([{"token_ids": await self._token_ids(request)}])
+        return _json(await self._render(request, chat=False))
 
     async def render_chat(self, request: web.Request) -> web.Response:
-        return _json({"token_ids": await self._token_ids(request)})
+        return _json((await self._render(request, chat=True))[0])
 
     # -- models and adapters -------------------------------------------------------
 
@@ -276,6 +284,13 @@ class SimApp:
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     # -- operations ----------------------------------------------------------------
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /reset_prefix_cache[?reset_running_requests=true]``: 200, or 409 if blocks are in use."""
+        reset_running = request.query.get("reset_running_requests", "false").lower() in ("true", "1", "yes", "on")
+        if not self.engine.reset_prefix_cache(reset_running):
+            return _json({"detail": "Prefix cache reset failed."}, status=409)
+        return web.Response(status=200)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)

@@ -8,6 +8,7 @@ prefix to a shared token prefix, which is all prefix caching needs.
 
 from __future__ import annotations
 
+import os
 import struct
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
@@ -69,13 +70,27 @@ def render_chat(messages: Iterable[Mapping[str, Any]]) -> str:
     return "".join(out)
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, namespace: str) -> list[int]:
-    """Chained hashes of the *full* blocks of ``token_ids``.
+def chain_root(seed: str | None) -> int:
+    """The hash the chain of block 0 hangs from (vLLM's ``NONE_HASH``).
 
-    hash_i = xxh3_64(tokens of block i, seed=hash_{i-1}); the chain starts from
-    a hash of ``namespace`` (the model or adapter name) so the same prompt under
-    another adapter never shares KV. A trailing partial block is not hashed: it
-    cannot be reused, as in vLLM.
+    With a seed (vLLM reads ``PYTHONHASHSEED``) every server started with it
+    computes the same hashes for the same blocks; without one each server
+    start draws a random root, so hashes differ between servers and restarts,
+    as they do in vLLM.
+    """
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "big")
+    return xxhash.xxh3_64_intdigest(seed.encode("utf-8"))
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, root: int, extra_key: str | None = None) -> list[int]:
+    """Chained hashes of the *full* blocks of ``token_ids``, as unsigned 64-bit ints.
+
+    Like vLLM, the hash of block i covers the hash of block i-1 (``root`` for
+    block 0), the block's token ids and the request's extra keys, here the
+    LoRA adapter name, so the same prompt under another adapter never shares
+    KV. The function is our own: hash_i = xxh3_64(tokens ++ extra, seed=hash_{i-1}).
+    A trailing partial block is not hashed: it cannot be reused, as in vLLM.
     """
     n_full = len(token_ids) // block_size
     if n_full == 0:
@@ -83,10 +98,11 @@ def block_hashes(token_ids: Sequence[int], block_size: int, namespace: str) -> l
     ids = array("I", token_ids[: n_full * block_size])
     raw = ids.tobytes()
     step = block_size * ids.itemsize
-    h = xxhash.xxh3_64_intdigest(namespace.encode("utf-8"))
+    extra = b"" if extra_key is None else extra_key.encode("utf-8")
+    h = root
     out: list[int] = []
     hash_fn = xxhash.xxh3_64_intdigest
     for start in range(0, len(raw), step):
-        h = hash_fn(raw[start : start + step], seed=h)
+        h = hash_fn(raw[start : start + step] + extra, seed=h)
         out.append(h)
     return out

@@ -39,8 +39,8 @@ class VirtualEngine:
         ids = list(range(1, prompt + 1)) if isinstance(prompt, int) else prompt
         model = lora or self.config.served_name
         self._n += 1
-        req = SimRequest(f"v{self._n}", model, lora, len(ids), block_hashes(ids, self.config.block_size, model),
-                         max_tokens, max_tokens, self.now)
+        req = SimRequest(f"v{self._n}", model, lora, len(ids), block_hashes(ids, self.config.block_size, 0, lora),
+                         max_tokens, max_tokens, self.now, prompt_ids=ids)
         self.sched.add(req)
         return req
 

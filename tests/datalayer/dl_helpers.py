@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from aiohttp import web
+from waiting import wait_until  # noqa: F401  (re-exported)
 
 from epp.bench.metric_pages import EngineState, sglang_page, vllm_page  # noqa: F401  (re-exported)
 from epp.config.model import SourceWiring
@@ -84,15 +85,6 @@ class PageServer:
         if bad is not None:
             return bad
         return web.Response(text=json.dumps({"object": "list", "data": self.models}), content_type="application/json")
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll ``cond`` until true; fail the test with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def counter(metric: str, /, **labels: str) -> float:

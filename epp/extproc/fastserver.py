@@ -296,7 +296,12 @@ class _ProcessStream(_Stream):
             self.finish(GRPC_INVALID_ARGUMENT, f"cannot decode ProcessingRequest: {e}")
             return
         machine = self.machine
-        out = machine.on_message(req)
+        self._send(machine.on_message(req))
+        if machine.parked is not None:
+            machine.parked.wake_me(self._resume)
+
+    def _send(self, out: list) -> None:
+        machine = self.machine
         if self.timer is not None and machine.request_done:
             self.timer.cancel()
             self.timer = None
@@ -306,6 +311,24 @@ class _ProcessStream(_Stream):
             self.finish(GRPC_OK)  # like returning from the handler after an ImmediateResponse
         self.echo = (machine.state == RESPONSE_BODY and machine.resp_mode == FULL_DUPLEX
                      and self.headers_sent and not self.local_closed)
+
+    def _resume(self) -> None:
+        """Routing that waited can go on (called from the event loop, not from a frame)."""
+        if self.local_closed or self.finalised:
+            return
+        machine = self.machine
+        self._send(machine.resume())
+        if machine.parked is not None:
+            machine.parked.wake_me(self._resume)
+        elif self.remote_closed:
+            self.finish(GRPC_OK)  # the half-close that came while routing waited
+        self.conn.flush()
+
+    def on_half_close(self) -> None:
+        # A client may half-close right after the request body; a request whose routing
+        # waits is answered first.
+        if self.machine.parked is None:
+            super().on_half_close()
 
     def _deadline(self) -> None:
         self.timer = None

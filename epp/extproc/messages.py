@@ -6,7 +6,7 @@ Import note: ``envoy.*`` here are the protobuf stubs from xds-protos (never
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -91,8 +91,10 @@ def lb_metadata(dest: str) -> struct_pb2.Struct:
     return struct_pb2.Struct(fields={LB_NAMESPACE: struct_pb2.Value(struct_value=inner)})
 
 
-def _routing_common(set_headers: list[tuple[str, str]], body: bytes | None = None) -> pb.CommonResponse:
-    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=header_options(set_headers)),
+def _routing_common(set_headers: list[tuple[str, str]], body: bytes | None = None,
+                    remove: Sequence[str] = ()) -> pb.CommonResponse:
+    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=header_options(set_headers),
+                                                                 remove_headers=remove),
                                clear_route_cache=True)
     if body is not None:
         common.body_mutation.body = body
@@ -104,17 +106,17 @@ _ROUTE_CACHE_MAX = 4096
 
 
 def _cached_route(in_headers: bool, set_headers: list[tuple[str, str]], dest: str,
-                  body: bytes | None = None) -> pb.ProcessingResponse | bytes:
-    """The routing answer; when the only header is the destination and the body is kept
-    (the common case) its serialised form is cached per destination: the pool is small and
-    the message is the same every time."""
-    plain = len(set_headers) == 1 and body is None
+                  body: bytes | None = None, remove: Sequence[str] = ()) -> pb.ProcessingResponse | bytes:
+    """The routing answer; when the only header is the destination, none is removed and the
+    body is kept (the common case) its serialised form is cached per destination: the pool
+    is small and the message is the same every time."""
+    plain = len(set_headers) == 1 and body is None and not remove
     key = (in_headers, dest)
     if plain:
         cached = _ROUTE_CACHE.get(key)
         if cached is not None:
             return cached
-    common = _routing_common(set_headers, body)
+    common = _routing_common(set_headers, body, remove)
     resp = (pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=lb_metadata(dest))
             if in_headers else
             pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=lb_metadata(dest)))
@@ -127,15 +129,18 @@ def _cached_route(in_headers: bool, set_headers: list[tuple[str, str]], dest: st
     return data
 
 
-def route_in_headers(set_headers: list[tuple[str, str]], dest: str) -> pb.ProcessingResponse | bytes:
-    """The pick as the answer to request headers (full duplex, or a header-only request)."""
-    return _cached_route(True, set_headers, dest)
+def route_in_headers(set_headers: list[tuple[str, str]], dest: str,
+                     remove: Sequence[str] = ()) -> pb.ProcessingResponse | bytes:
+    """The pick as the answer to request headers (full duplex, or a header-only request);
+    ``remove`` names request headers the model server must not see."""
+    return _cached_route(True, set_headers, dest, None, remove)
 
 
-def route_in_body(set_headers: list[tuple[str, str]], dest: str, body: bytes | None) -> pb.ProcessingResponse | bytes:
+def route_in_body(set_headers: list[tuple[str, str]], dest: str, body: bytes | None,
+                  remove: Sequence[str] = ()) -> pb.ProcessingResponse | bytes:
     """The pick as the answer to the (buffered) request body: Envoy still holds the headers
     and applies this header mutation to them. ``body`` replaces the body when given."""
-    return _cached_route(False, set_headers, dest, body)
+    return _cached_route(False, set_headers, dest, body, remove)
 
 
 def streamed_request_body(data: bytes, end_of_stream: bool) -> list[bytes]:

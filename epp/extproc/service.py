@@ -2,7 +2,7 @@
 
 One RPC = one HTTP request. The handler reads with ``context.read()`` and writes with
 ``context.write()`` (no async generator: fewer event-loop hops per message) and feeds an
-``ExtProcStream``. A single timer per stream bounds the request phase; when it fires while
+``ExtProcStream``; when routing waits, the handler awaits it and resumes the stream. A single timer per stream bounds the request phase; when it fires while
 the body is still incomplete, the handler's pending read is cancelled and a 504
 ImmediateResponse is written instead. The stream's ``finish`` always runs (``finally``), so
 a client disconnect or an Envoy reset still completes the request exactly once.
@@ -82,11 +82,17 @@ class ExtProcService:
                 if req is _EOF:
                     return
                 out = stream.on_message(req)
-                if timer is not None and stream.request_done:
-                    timer.cancel()
-                    timer = None
-                for resp in out:
-                    await write(resp)
+                while True:
+                    if timer is not None and stream.request_done:
+                        timer.cancel()
+                        timer = None
+                    for resp in out:
+                        await write(resp)
+                    parked = stream.parked
+                    if parked is None:
+                        break
+                    await parked.wait()  # routing waits (flow control, a producer's I/O)
+                    out = stream.resume()
                 if stream.closed:
                     return
         except asyncio.CancelledError:

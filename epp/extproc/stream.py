@@ -5,6 +5,12 @@ Pure and synchronous: ``on_message`` takes one ``ProcessingRequest`` and returns
 messages. That keeps the protocol logic testable without gRPC and the per-chunk path free
 of awaits.
 
+Routing may wait (flow control holds the request, a data producer fetches token IDs). Then
+the stream is parked in state ``routing``: ``on_message`` returns nothing and ``parked`` is
+set; the transport calls ``resume`` when ``parked`` can go on, which returns the routing
+answers (or parks again). The stream ending (``finish``) or the deadline cancels a parked
+route, so a client that goes away leaves any queue at once.
+
 Request phase, by the body mode Envoy announces in ``protocol_config`` (first message):
 
 - ``FULL_DUPLEX_STREAMED`` (upstream's only mode): the request-headers answer is held until
@@ -39,7 +45,9 @@ from typing import Any, Mapping, Union
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.extproc import messages as msg
+from epp.framework.headers import present_control_headers
 from epp.requestcontrol.director import Director, RequestContext
+from epp.requestcontrol.drive import Driven
 from epp.requestcontrol.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -47,12 +55,13 @@ log = logging.getLogger(__name__)
 # States
 EXPECT_HEADERS = 0
 REQUEST_BODY = 1  # headers seen, collecting the body
-ROUTED = 2  # request answered; waiting for the response
-RESPONSE_BODY = 3  # response headers answered
-RESPONSE_DONE = 4  # response end seen (trailers may still come)
-CLOSED = 5  # an ImmediateResponse was sent; nothing more to do
+ROUTING = 2  # the request is complete; routing waits (flow control, a producer's I/O)
+ROUTED = 3  # request answered; waiting for the response
+RESPONSE_BODY = 4  # response headers answered
+RESPONSE_DONE = 5  # response end seen (trailers may still come)
+CLOSED = 6  # an ImmediateResponse was sent; nothing more to do
 
-STATE_NAMES = ("expect-headers", "request-body", "routed", "response-body", "response-done", "closed")
+STATE_NAMES = ("expect-headers", "request-body", "routing", "routed", "response-body", "response-done", "closed")
 
 _OVERRIDABLE = (msg.STREAMED, msg.BUFFERED, msg.BUFFERED_PARTIAL)
 
@@ -76,7 +85,7 @@ class StreamSettings:
 
 class ExtProcStream:
     __slots__ = ("director", "settings", "state", "req_mode", "resp_mode", "headers", "metadata", "chunks",
-                 "size", "ctx", "outcome", "body_overridden", "timed_out")
+                 "size", "ctx", "outcome", "body_overridden", "timed_out", "parked", "_routing")
 
     def __init__(self, director: Director, settings: StreamSettings) -> None:
         self.director = director
@@ -92,6 +101,10 @@ class ExtProcStream:
         self.outcome = ""  # set when the stream ends for a reason we know
         self.body_overridden = False  # Envoy was told to stop sending response bodies
         self.timed_out = False
+        # While routing waits: the routing coroutine. The transport calls ``resume`` once
+        # ``parked.wake_me`` calls back (or, from a task, after ``await parked.wait()``).
+        self.parked: Driven[RequestContext] | None = None
+        self._routing: tuple[bytes, bool] = (b"", False)  # body and trailers of the waiting route
 
     # --- properties the transport reads ----------------------------------------------------
     @property
@@ -158,16 +171,42 @@ class ExtProcStream:
             log.exception("ext_proc stream failed on a response chunk")
             return self._fail(RequestError("Internal", f"{type(e).__name__}: {e}"), "internal-error")
 
+    def resume(self) -> list[Out]:
+        """Routing can go on (what it waited for is done): step it; the answers to send, or
+        [] if it waits again (``parked`` is then set anew)."""
+        run = self.parked
+        if run is None or self.state != ROUTING:
+            return []
+        try:
+            if not run.step():
+                return []
+            self.parked = None
+            body, trailers = self._routing
+            self._routing = (b"", False)
+            return self._answer_route(run.result, body, trailers)  # type: ignore[arg-type]
+        except RequestError as e:
+            self.parked = None
+            return self._fail(e, "rejected")
+        except Exception as e:  # a bug must cost one request, never the server
+            self.parked = None
+            log.exception("ext_proc stream failed while routing")
+            return self._fail(RequestError("Internal", f"{type(e).__name__}: {e}"), "internal-error")
+
     def on_deadline(self) -> list[Out]:
-        """The request phase took too long (body never completed): answer 504 if still open."""
+        """The request phase took too long (body never completed, or routing still waits):
+        answer 504 if still open."""
         if self.state >= ROUTED:
             return []
         self.timed_out = True
+        self._stop_routing()
         return self._fail(RequestError("DeadlineExceeded", f"request not complete within "
                                                            f"{self.settings.request_timeout:g}s"), "timeout")
 
     def finish(self) -> str:
         """The gRPC stream ended (normally, reset or cancelled). Returns the stream outcome."""
+        if self.parked is not None:  # the client went away while its request waited
+            self._stop_routing()
+            self.outcome = self.outcome or "disconnected"
         ctx = self.ctx
         if ctx is not None and not ctx.done:
             if self.timed_out:
@@ -195,7 +234,7 @@ class ExtProcStream:
         if rh.end_of_stream:
             dest = self.director.handle_headers_only(self.headers)
             self.state = ROUTED
-            return [msg.route_in_headers([(msg.DEST_HEADER, dest)], dest)]
+            return [msg.route_in_headers([(msg.DEST_HEADER, dest)], dest, present_control_headers(self.headers))]
         self.state = REQUEST_BODY
         if self.req_mode == msg.FULL_DUPLEX:
             return []  # the answer carries the pick, so it waits for the body
@@ -218,16 +257,34 @@ class ExtProcStream:
         chunks = self.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.chunks = []
-        ctx = self.director.handle_request(self.headers, body, self.metadata)
+        director = self.director
+        if not director.may_wait:
+            return self._answer_route(director.handle_request(self.headers, body, self.metadata), body, trailers)
+        run = Driven(director.route(self.headers, body, self.metadata))
+        if run.step():
+            return self._answer_route(run.result, body, trailers)  # type: ignore[arg-type]
+        self.state = ROUTING
+        self.parked = run
+        self._routing = (body, trailers)
+        return []
+
+    def _stop_routing(self) -> None:
+        run = self.parked
+        if run is not None:
+            self.parked = None
+            self._routing = (b"", False)
+            run.cancel()
+
+    def _answer_route(self, ctx: RequestContext, body: bytes, trailers: bool) -> list[Out]:
         self.ctx = ctx
         self.state = ROUTED
         set_headers = ctx.request_headers_to_set()
         if self.req_mode == msg.FULL_DUPLEX:
-            out = [msg.route_in_headers(set_headers, ctx.target)]
+            out = [msg.route_in_headers(set_headers, ctx.target, ctx.strip)]
             # With trailers still to come, the body must not claim the end of the stream.
             out.extend(msg.streamed_request_body(ctx.body_out if ctx.body_out is not None else body, not trailers))
         else:
-            out = [msg.route_in_body(set_headers, ctx.target, ctx.body_out)]
+            out = [msg.route_in_body(set_headers, ctx.target, ctx.body_out, ctx.strip)]
         if trailers:
             out.append(msg.EMPTY_REQUEST_TRAILERS)
         return out
@@ -267,6 +324,7 @@ class ExtProcStream:
 
     # --- errors ----------------------------------------------------------------------------
     def _fail(self, err: RequestError, outcome: str) -> list[Out]:
+        self._stop_routing()
         self.state = CLOSED
         self.outcome = outcome
         self.chunks = []

@@ -18,6 +18,7 @@ from epp.framework.registry import ENTRY_POINT_GROUP, Registry, register, regist
 from epp.framework.requestcontrol import (
     AdmissionDenied,
     Admitter,
+    AsyncDataProducer,
     DataProducer,
     ParseError,
     Parser,
@@ -43,7 +44,7 @@ from epp.framework.scheduling import (
 from epp.framework.types import Candidate, InferenceRequest, InferenceResponse, Usage
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "AdmissionDenied", "Admitter", "Candidate", "CycleState", "DataProducer",
+    "ENTRY_POINT_GROUP", "AdmissionDenied", "Admitter", "AsyncDataProducer", "Candidate", "CycleState", "DataProducer",
     "DataSource", "Discovery", "Duration", "Extractor", "Filter", "Handle", "InferenceRequest",
     "InferenceResponse", "NoParams", "ParameterError", "ParseError", "Parser", "Picker", "Plugin",
     "PreRequest", "ProfileHandler", "ProfileResult", "Registry", "ResponseComplete", "ResponseReceived",

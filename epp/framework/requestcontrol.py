@@ -59,6 +59,25 @@ class DataProducer(Plugin, ABC):
         ...
 
 
+class AsyncDataProducer(DataProducer, ABC):
+    """A data producer that may wait for I/O, e.g. token IDs from a model server's render
+    endpoint. It runs in the same dependency order as the others; the request's ext_proc
+    stream is parked while it waits (other requests go on) and the wait ends early with
+    ``asyncio.CancelledError`` if the client goes away or the EPP's deadline passes.
+
+    Routing is driven without an event-loop hop while nothing waits, outside any asyncio
+    Task. So ``produce`` must only await futures: start real I/O as a task of its own
+    (``asyncio.get_running_loop().create_task(fetch())``, where ``asyncio.timeout`` and
+    client libraries work as usual) and await that task. Returning without awaiting
+    anything pending costs nothing. A failure loses this producer's data, never the request.
+    """
+
+    @abstractmethod
+    async def produce(self, cycle: "CycleState", request: InferenceRequest,  # type: ignore[override]
+                      candidates: Sequence[Candidate]) -> None:
+        ...
+
+
 class SaturationDetector(Plugin, ABC):
     @abstractmethod
     def saturation(self, candidates: Sequence[Candidate]) -> float:

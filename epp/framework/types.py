@@ -9,6 +9,9 @@ if TYPE_CHECKING:
     from epp.datalayer.endpoint import Endpoint, EndpointMetadata, Metrics
 
 
+DEFAULT_FAIRNESS_ID = "default-flow"  # upstream's flow when a request names no fairness id
+
+
 @dataclass(slots=True)
 class InferenceRequest:
     """One HTTP inference request as the plugins see it.
@@ -30,6 +33,9 @@ class InferenceRequest:
     stream: bool = False
     priority: int = 0
     objective: str = ""
+    fairness_id: str = DEFAULT_FAIRNESS_ID  # the tenant, for flow-control fairness
+    slo_ttft_ms: float = 0.0  # latency objectives from the request's headers; 0 = none
+    slo_tpot_ms: float = 0.0
     cache_salt: str = ""
     prefix_input: bytes = b""
     lora_adapter: str = ""

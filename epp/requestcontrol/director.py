@@ -1,31 +1,37 @@
 """The per-request pipeline: from a complete request to a routing decision, and back.
 
-``Director.handle_request`` runs, in order: parse the body (parser plugin), rewrite the
-model, map the objective to a priority, narrow the schedulable endpoints by the subset
-hint, run the data producers, admission (shed sheddable requests when saturated), the
-admitter plugins, the scheduler, and the pre-request hooks. It returns a
-``RequestContext`` that the transport (ext_proc) drives through the response:
-``response_headers`` -> ``response_chunk``* -> ``complete``. ``complete`` runs exactly once
-per scheduled request whatever happens (end of stream, client disconnect, error, timeout),
-which is what keeps in-flight counts honest.
+``Director.route`` runs, in order: parse the body (parser plugin), rewrite the model, read
+the control headers (objective -> priority, fairness id, SLOs), narrow the schedulable
+endpoints by the subset hint, run the data producers, admission (shed sheddable requests
+when saturated), the admitter plugins, flow control (when enabled), the scheduler, and the
+pre-request hooks. It returns a ``RequestContext`` that the transport (ext_proc) drives
+through the response: ``response_headers`` -> ``response_chunk``* -> ``complete``.
+``complete`` runs exactly once per scheduled request whatever happens (end of stream,
+client disconnect, error, timeout), which is what keeps in-flight counts honest.
 
-Everything here is synchronous and does no I/O: plugins read snapshots. Errors are
-``RequestError`` (code + message) that the transport turns into an ImmediateResponse.
+Plugins read snapshots and do no I/O on this path, with two exceptions that may make
+routing wait: flow control holding a request, and ``AsyncDataProducer``s. ``route`` is a
+coroutine for them, stepped by hand (``drive.py``) so that a request that waits for nothing
+costs no event-loop hop. Errors are ``RequestError`` (code + message) that the transport
+turns into an ImmediateResponse.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 from epp.config.model import LoadedConfig
 from epp.datalayer.endpoint import Endpoint, now
 from epp.datalayer.pool import EndpointPool, schedulable_endpoints
-from epp.framework.requestcontrol import ParseError, UsageReader
+from epp.config.model import ModelRewrite
+from epp.framework.headers import read_control_headers
+from epp.framework.requestcontrol import AsyncDataProducer, ParseError, UsageReader
 from epp.framework.scheduling import CycleState, SchedulingResult
 from epp.framework.types import Candidate, InferenceRequest, InferenceResponse
 from epp.observability import deferred
@@ -33,6 +39,7 @@ from epp.observability import metrics as m
 from epp.observability.decisions import Decision, DecisionLog, debug_header_value, wall_time
 from epp.requestcontrol import errors as E
 from epp.requestcontrol.candidates import filter_by_subset, subset_hint
+from epp.requestcontrol.drive import Driven
 from epp.requestcontrol.rewrite import ModelRewriter, ResponseModelReverser, reserialize
 from epp.scheduling.admission import LegacyAdmission
 from epp.scheduling.scheduler import Scheduler, SchedulingError
@@ -40,7 +47,6 @@ from epp.scheduling.scheduler import Scheduler, SchedulingError
 log = logging.getLogger(__name__)
 
 DEST_HEADER = "x-gateway-destination-endpoint"
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
 REQUEST_ID_HEADER = "x-request-id"
 DEBUG_REQUEST_HEADER = "x-epp-debug"
 DEBUG_RESPONSE_HEADER = "x-epp-decision"
@@ -96,16 +102,45 @@ def _record_error(model: str, target: str, code: str) -> None:
     _REQ_ERRORS(model, target, code).inc()
 
 
-class _Runtime:
-    """Everything derived from one LoadedConfig; swapped whole on reload."""
+class FlowGate(Protocol):
+    """Flow control as the Director sees it (``epp.flowcontrol``): holds a request while the
+    pool is saturated, returns the candidates to schedule on once it is released (re-read
+    with ``current_candidates``, since the pool may have changed), or raises ``RequestError``
+    (rejected, expired in the queue). Cancelled when the client goes away."""
 
-    def __init__(self, config: LoadedConfig, rng: random.Random) -> None:
+    async def wait_for_dispatch(self, request: InferenceRequest, candidates: list[Candidate],
+                                current_candidates: Callable[[], list[Candidate]]) -> list[Candidate]:
+        ...
+
+
+@dataclass
+class ClusterObjects:
+    """Objectives and model rewrites that come from outside the config file (the
+    InferenceObjective and InferenceModelRewrite resources of a Kubernetes cluster).
+    On a name clash they win over the config's ``inferenceObjectives`` / ``modelRewrites``."""
+
+    objectives: Mapping[str, int] | None = None  # objective name -> priority
+    rewrites: Mapping[str, ModelRewrite] | None = None  # rule name -> rewrite
+
+
+class _Runtime:
+    """Everything derived from one LoadedConfig (and the cluster's objects); swapped whole
+    on reload or when those objects change."""
+
+    def __init__(self, config: LoadedConfig, rng: random.Random, cluster: ClusterObjects | None = None,
+                 flow: FlowGate | None = None) -> None:
+        cluster = cluster or ClusterObjects()
         self.config = config
         self.parser = config.parser
         self.scheduler = Scheduler(config.profile_handler, config.profiles)
-        self.rewriter = ModelRewriter(config.model_rewrites, rng)
+        self.rewriter = ModelRewriter({**config.model_rewrites, **(cluster.rewrites or {})}, rng)
         self.objectives = {name: o.priority for name, o in config.objectives.items()}
+        self.objectives.update(cluster.objectives or {})
         self.producers = list(config.producers)
+        # Producers that may wait make routing wait-capable; without them it never awaits here.
+        self.waiting_producers = any(isinstance(p, AsyncDataProducer) for p in self.producers)
+        self.flow = flow
+        self.may_wait = self.waiting_producers or flow is not None
         self.admitters = list(config.admitters)
         self.saturation = config.saturation_detector
         self.admission = LegacyAdmission(config.saturation_detector)
@@ -130,6 +165,8 @@ class Director:
         self.pool = pool
         self.options = options or DirectorOptions()
         self._rng = rng or random.Random()
+        self._cluster = ClusterObjects()
+        self._flow: FlowGate | None = None
         self._rt = _Runtime(config, self._rng)
         self._schedulable = schedulable or schedulable_endpoints
         self.decisions = DecisionLog(self.options.decision_log_size)
@@ -144,7 +181,17 @@ class Director:
 
     def swap_config(self, config: LoadedConfig) -> None:
         """Use a new config for new requests; requests in flight finish with the old one."""
-        self._rt = _Runtime(config, self._rng)
+        self._rt = _Runtime(config, self._rng, self._cluster, self._flow)
+
+    def set_cluster_objects(self, objects: ClusterObjects) -> None:
+        """Replace the objectives and rewrites that come from the cluster (for new requests)."""
+        self._cluster = objects
+        self.swap_config(self._rt.config)
+
+    def set_flow_gate(self, flow: FlowGate | None) -> None:
+        """Route new requests through flow control (None: straight to the scheduler)."""
+        self._flow = flow
+        self.swap_config(self._rt.config)
 
     def _sample(self) -> bool:
         """Whether this request's hooks are timed: one in TIMING_EVERY, as the scheduling
@@ -154,11 +201,57 @@ class Director:
         return self._tick % TIMING_EVERY == 0
 
     # --- request path ----------------------------------------------------------------------
+    @property
+    def may_wait(self) -> bool:
+        """Whether routing may wait (flow control, an asynchronous producer): then the
+        transport must use ``route``; otherwise ``handle_request`` does the same, cheaper."""
+        return self._rt.may_wait
+
     def handle_request(self, headers: dict[str, str], body: bytes,
                        metadata: Mapping[str, Any] | None = None) -> "RequestContext":
-        """Pick an endpoint for a complete request; raises ``RequestError``."""
+        """Pick an endpoint for a complete request; raises ``RequestError``. For a
+        configuration where routing never waits; otherwise (tools, tests) it must not wait."""
+        rt = self._rt
+        if rt.may_wait:
+            run = Driven(self.route(headers, body, metadata))
+            if run.step():
+                return run.result  # type: ignore[return-value]
+            run.cancel()
+            raise RuntimeError("routing waited (flow control or an asynchronous producer); use Director.route")
+        t0 = time.perf_counter()
+        req, candidates, cycle, strip = self._begin(rt, headers, body, metadata)
+        self._run_producers(rt, cycle, req, candidates)
+        return self._conclude(rt, req, candidates, cycle, headers, strip, t0)
+
+    async def route(self, headers: dict[str, str], body: bytes,
+                    metadata: Mapping[str, Any] | None = None) -> "RequestContext":
+        """``handle_request`` where routing may wait: a coroutine the transport steps by hand
+        (``epp.requestcontrol.drive``), so a request that waits for nothing still never
+        touches the event loop."""
         t0 = time.perf_counter()
         rt = self._rt
+        req, candidates, cycle, strip = self._begin(rt, headers, body, metadata)
+        if rt.waiting_producers:
+            await self._run_producers_async(rt, cycle, req, candidates)
+        else:
+            self._run_producers(rt, cycle, req, candidates)
+        flow = rt.flow
+        if flow is not None:
+            try:
+                self._admit(rt, req, candidates)
+                # Flow control may hold the request while the pool is saturated; the pool
+                # may have changed by the time it is released.
+                candidates = await flow.wait_for_dispatch(req, candidates, lambda: self._candidates(metadata))
+            except E.RequestError as e:
+                _record_error(req.incoming_model, req.target_model, e.code)
+                raise
+            return self._conclude(rt, req, candidates, cycle, headers, strip, t0, admitted=True)
+        return self._conclude(rt, req, candidates, cycle, headers, strip, t0)
+
+    # --- pipeline steps --------------------------------------------------------------------
+    def _begin(self, rt: _Runtime, headers: dict[str, str], body: bytes, metadata: Mapping[str, Any] | None
+               ) -> tuple[InferenceRequest, list[Candidate], CycleState, list[str]]:
+        """Parse, rewrite, read the control headers, find the candidates."""
         model = target = ""
         try:
             try:
@@ -186,18 +279,25 @@ class Director:
             req.target_model = target
             if rule is not None:
                 _REWRITES(rule, model, target).inc()
-            objective = headers.get(OBJECTIVE_HEADER, "")
-            if objective:
-                req.objective = objective
-                req.priority = rt.objectives.get(objective, 0)
-
+            strip = read_control_headers(req, headers)
+            if req.objective:
+                req.priority = rt.objectives.get(req.objective, 0)
             candidates = self._candidates(metadata)
             if not candidates:
                 raise E.unavailable(E.MSG_NO_CANDIDATES)
-            cycle = CycleState()
-            self._run_producers(rt, cycle, req, candidates)
-            self._admit(rt, req, candidates)
+        except E.RequestError as e:
+            _record_error(model, target, e.code)
+            raise
+        return req, candidates, CycleState(), strip
 
+    def _conclude(self, rt: _Runtime, req: InferenceRequest, candidates: list[Candidate], cycle: CycleState,
+                  headers: Mapping[str, str], strip: list[str], t0: float, admitted: bool = False) -> "RequestContext":
+        """Admission (unless done before a wait), the scheduler, the pre-request hooks and the
+        request's context."""
+        model, target = req.incoming_model, req.target_model
+        try:
+            if not admitted:
+                self._admit(rt, req, candidates)
             # The scheduler records scheduler_e2e_duration and scheduler_attempts itself.
             ts = time.perf_counter()
             try:
@@ -223,10 +323,12 @@ class Director:
             _record_error(model, target, e.code)
             raise
 
+        payload = req.payload
         body_out: bytes | None = None
         if target != model and payload is not None:
             body_out = reserialize(payload, target)
         ctx = RequestContext(self, rt, req, result, dest, body_out, t0, timed)
+        ctx.strip = strip
         total_s = time.perf_counter() - t0
         decision = Decision(wall_time(), req.request_id, model, target, req.priority, len(candidates), result,
                             dest, sched_s, total_s)
@@ -234,7 +336,7 @@ class Director:
         if self.options.enable_debug_headers and headers.get(DEBUG_REQUEST_HEADER) == "1":
             ctx.debug_value = debug_header_value(decision)
         _REQ_TOTAL(model, target, str(req.priority)).inc()
-        deferred.observe(_REQ_SIZES(model, target), len(body))
+        deferred.observe(_REQ_SIZES(model, target), len(req.body))
         _RUNNING(model).inc()
         self.in_flight += 1
         return ctx
@@ -250,7 +352,6 @@ class Director:
             raise E.internal(E.MSG_NO_PODS)
         return self._rng.choice(endpoints).key
 
-    # --- pipeline steps --------------------------------------------------------------------
     def _candidates(self, metadata: Mapping[str, Any] | None) -> list[Candidate]:
         endpoints = self._schedulable(self.pool)
         if not self.options.disable_subset_filter:
@@ -265,6 +366,19 @@ class Director:
                 producer.produce(cycle, req, cands)
             except Exception:
                 # Upstream logs and goes on: a producer failing only loses its data.
+                self._warn_once(producer, "produce")
+
+    async def _run_producers_async(self, rt: _Runtime, cycle: CycleState, req: InferenceRequest,
+                                   cands: list[Candidate]) -> None:
+        for producer in rt.producers:
+            try:
+                if isinstance(producer, AsyncDataProducer):
+                    await producer.produce(cycle, req, cands)
+                else:
+                    producer.produce(cycle, req, cands)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
                 self._warn_once(producer, "produce")
 
     def _admit(self, rt: _Runtime, req: InferenceRequest, cands: list[Candidate]) -> None:
@@ -299,7 +413,7 @@ class RequestContext:
     """One scheduled request, from the pick to the end of its response."""
 
     __slots__ = ("director", "rt", "request", "result", "target", "body_out", "started", "response",
-                 "debug_value", "done", "timed", "_reader", "_reverse", "_usage_done")
+                 "debug_value", "done", "timed", "strip", "_reader", "_reverse", "_usage_done")
 
     def __init__(self, director: Director, rt: _Runtime, request: InferenceRequest, result: SchedulingResult,
                  target: str, body_out: bytes | None, started: float, timed: bool = False) -> None:
@@ -313,6 +427,7 @@ class RequestContext:
         self.started = started
         self.response = InferenceResponse(request.request_id)
         self.debug_value: str | None = None
+        self.strip: list[str] = []  # control headers to remove from the routed request
         self.done = False
         self._reader: UsageReader | None = None
         self._reverse = (ResponseModelReverser(request.incoming_model, request.target_model)

@@ -7,8 +7,8 @@ import random
 from typing import Mapping
 
 from epp.config.model import ModelRewrite
+from epp.framework.headers import MODEL_REWRITE, control_header
 
-REWRITE_HEADER = "x-gateway-model-name-rewrite"
 
 
 class ModelRewriter:
@@ -21,7 +21,7 @@ class ModelRewriter:
 
     def target(self, incoming: str, headers: Mapping[str, str]) -> tuple[str, str | None]:
         """(target model, name of the config rule used or None)."""
-        target = headers.get(REWRITE_HEADER) or incoming
+        target = control_header(headers, MODEL_REWRITE) or incoming
         hit = self._by_model.get(incoming)
         if hit is None or not hit[1].targets:
             return target, None

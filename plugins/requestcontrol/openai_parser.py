@@ -15,10 +15,10 @@ from typing import Any, Mapping
 
 from epp.framework import ParseError, Parser, UsageReader, register
 from epp.framework.types import InferenceRequest
+from epp.framework.headers import OBJECTIVE, control_header
 from plugins.requestcontrol.usage import JSONUsageReader, SSEUsageReader, is_event_stream
 
 DEFAULT_PATH = "/v1/completions"
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
 
 CONVERSATIONS = "conversations"
 RESPONSES = "responses"
@@ -152,7 +152,7 @@ class OpenAIParser(Parser):
             incoming_model=model,
             target_model=model,
             stream=payload.get("stream") is True,
-            objective=headers.get(OBJECTIVE_HEADER, ""),
+            objective=control_header(headers, OBJECTIVE),
             cache_salt=salt if isinstance(salt, str) else "",
             prefix_input=prefix_input(api, payload),
             received_at=time.monotonic(),

@@ -89,6 +89,19 @@ async def test_backend_receives_the_picked_destination_and_the_client_value_is_i
 
 
 @pytest.mark.parametrize("config", CONFIGS)
+async def test_control_headers_do_not_reach_the_model_server(envoys, backends, config):
+    control = {"x-llm-d-inference-objective": "chat", "x-gateway-inference-objective": "chat",
+               "x-llm-d-inference-fairness-id": "tenant", "x-gateway-inference-fairness-id": "tenant",
+               "x-llm-d-slo-ttft-ms": "100", "x-slo-tpot-ms": "10"}
+    async with aiohttp.ClientSession() as session:
+        status, raw, _ = await post(session, envoys[config].url, body(),
+                                    {SELECT: backends.addresses[0], "x-other": "kept", **control})
+    received = json.loads(raw)["recv_headers"]
+    assert status == 200 and received["x-other"] == "kept"
+    assert not set(received) & set(control)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
 async def test_sse_events_arrive_incrementally(envoys, backends, config):
     n, delay = 5, 0.25
     arrivals: list[float] = []

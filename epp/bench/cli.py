@@ -32,6 +32,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "scheduler": ("epp.bench.scheduler", "run_scheduler_bench"),
     "collector": ("epp.bench.collector", "run_collector_bench"),
     "streaming": ("epp.bench.streaming", "run_streaming_bench"),
+    "kv-publisher": ("epp.bench.kvpublisher", "run_kv_publisher_bench"),
     "quality": ("epp.bench.quality", "run_quality_bench"),
 }
 

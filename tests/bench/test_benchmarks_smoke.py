@@ -68,6 +68,16 @@ def test_streaming_smoke(tmp_path: Path) -> None:
     assert any((tmp_path / "streaming").glob("*.md"))
 
 
+def test_kv_publisher_smoke(tmp_path: Path) -> None:
+    bench(tmp_path, "kv-publisher")
+    result = json.loads((tmp_path / "kv-publisher" / "result.json").read_text())
+    assert result["engine"]["events"] > 0 and result["engine"]["block_removed"] > 0  # the cache did evict
+    # Every event of the stream reached the subscriber, in both forms.
+    assert [t["format"] for t in result["thread"]] == ["map", "array"]
+    assert all(t["events"] == result["engine"]["events"] and t["payload_bytes"] > 0 for t in result["thread"])
+    assert "kv-publisher" in (tmp_path / "kv-publisher" / "summary.md").read_text()
+
+
 def test_idle_penalty_measures_the_real_request_path() -> None:
     from epp.bench.idlecost import MODES, markdown, measure_idle_penalty
 

@@ -252,6 +252,7 @@ class NullPublisher:
     replay_endpoint: str | None = None
     addresses: Addresses | None = None
     enabled = False
+    batches = events = dropped = 0
 
     def publish(self, raw: list[tuple[Any, ...]]) -> None:
         pass
@@ -291,6 +292,7 @@ class ZmqPublisher:
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
         self.batches = 0  # published so far (also the next sequence number)
         self.events = 0
+        self.dropped = 0  # batches refused because the thread died
         self._ctx = zmq.Context(io_threads=1)
         self._pub: zmq.Socket[bytes] | None = None
         self._replay: zmq.Socket[bytes] | None = None
@@ -337,6 +339,9 @@ class ZmqPublisher:
 
     def publish(self, raw: list[tuple[Any, ...]]) -> None:
         """Queue one engine step's events as a batch (blocks only if max_queue_size batches are pending, as vLLM)."""
+        if not self._thread.is_alive():  # it crashed (logged): never block the engine on a dead queue
+            self.dropped += 1
+            return
         self._queue.put((time.time(), raw))
         self._ring()
 
@@ -368,6 +373,12 @@ class ZmqPublisher:
     # -- the thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            log.exception("kv-events publisher thread crashed; no more events from %s", self.endpoint)
+
+    def _loop(self) -> None:
         poller = zmq.Poller()
         assert self._bell_in is not None
         poller.register(self._bell_in, zmq.POLLIN)

@@ -197,6 +197,11 @@ class MetricsPage:
         w.counter("sim:kv_block_evictions", "Cached KV blocks evicted to make room.",
                   [("", sched.kv.evictions)], created)
         w.counter("sim:engine_steps", "Engine steps run.", [("", self.engine.steps)], created)
+        publisher = self.engine.publisher
+        if publisher.enabled:
+            w.counter("sim:kv_events_batches", "KV event batches published (the next sequence number).",
+                      [("", publisher.batches)], created)
+            w.counter("sim:kv_events", "KV events published.", [("", publisher.events)], created)
 
     # -- SGLang --------------------------------------------------------------------
 

@@ -164,6 +164,9 @@ async def test_store_evict_reset_events_in_order(make_fleet) -> None:
     assert [x.seq for x in batches] == list(range(batches[0].seq, batches[0].seq + 4))
     assert cleared.types() == ["AllBlocksCleared"] and cleared.seq == batches[-1].seq + 1
     assert not kv.cached and stored_blocks([*batches, cleared]) == {}
+    async with aiohttp.ClientSession() as session, session.get(server.url + "/metrics") as resp:
+        page = await resp.text()
+    assert f'sim:kv_events_batches_total{{model_name="{MODEL}",engine="0"}} {float(cleared.seq + 1)}' in page
 
 
 async def test_reset_refused_while_running_unless_asked(make_fleet) -> None:

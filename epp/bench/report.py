@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-BENCH_ORDER = ("quality", "overhead", "scheduler", "collector", "streaming", "kv-publisher")
+BENCH_ORDER = ("quality", "overhead", "scheduler", "collector", "streaming")
 
 
 # -- statistics -----------------------------------------------------------------------------

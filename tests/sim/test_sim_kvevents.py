@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import random
@@ -20,6 +21,7 @@ from kvevents_support import Batch, KVEventsSubscriber, decode_frames, replay, r
 
 from epp.bench.procs import free_port
 from epp.sim import SimConfig, SimFleet
+from epp.sim.cli import add_arguments, build_fleet
 from epp.sim.kvevents import KVEventsConfig, binds, expand_topic, offset_endpoint, server_endpoint
 from epp.sim.tokenizer import block_hashes
 
@@ -327,6 +329,30 @@ def test_config_parsing_and_endpoint_rules() -> None:
     assert server_endpoint("tcp://*:5557", "::1", 1) == "tcp://[::1]:5558"
     assert server_endpoint("tcp://10.0.0.9:5557", "127.0.0.3", 1) == "tcp://10.0.0.9:5558"  # connect: host kept
     assert expand_topic(TOPIC, "10.1.2.3", 8000, "m") == "kv@10.1.2.3:8000@m"
+
+
+def test_host_and_hosts_flags_place_servers() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def where(*argv: str) -> list[tuple[str, int, int]]:
+        return [(s.host, s.port, s.rank) for s in build_fleet(parser.parse_args(list(argv))).servers]
+
+    assert where("--host", "127.0.0.5", "--ports", "9001,9002") == [("127.0.0.5", 9001, 0), ("127.0.0.5", 9002, 1)]
+    assert where("--port", "9001", "--count", "2") == [("127.0.0.1", 9001, 0), ("127.0.0.1", 9002, 1)]
+    assert where("--hosts", "127.0.0.2,127.0.0.3", "--port", "8000") == [("127.0.0.2", 8000, 0),
+                                                                          ("127.0.0.3", 8000, 0)]
+    assert where("--hosts", "127.0.0.2,127.0.0.3", "--ports", "8000,8001") == [("127.0.0.2", 8000, 0),
+                                                                                ("127.0.0.3", 8001, 0)]
+    with pytest.raises(ValueError, match="2 ports for 3 hosts"):
+        where("--hosts", "a,b,c", "--ports", "1,2")
+    with pytest.raises(SystemExit):  # argparse reports the bad JSON field by name
+        parser.parse_args(["--kv-events-config", '{"enable_kv_cache_events": true, "port": 1}'])
+    fleet = build_fleet(parser.parse_args(["--kv-events-config", '{"enable_kv_cache_events": true}',
+                                           "--kv-events-format", "array", "--hash-seed", "3"]))
+    cfg = fleet.servers[0].config
+    assert cfg.kv_events is not None and cfg.kv_events.active and cfg.kv_events_format == "array"
+    assert cfg.hash_seed == "3"
 
 
 async def test_servers_sharing_an_address_offset_their_ports(make_fleet) -> None:

@@ -6,10 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test demo bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/kubernetes/install_tools.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,demo,bench]'
+	$(PY) deploy/kubernetes/install_tools.py   # kubectl + helm for tests/deploy (pinned, ~5 s)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,7 +3,8 @@
 Templates use ``${NAME}`` placeholders; ``render_envoy_config`` takes them as lowercase
 keyword arguments (``listen_port=8081`` fills ``${LISTEN_PORT}``), fails on any placeholder
 left unfilled, and can add what a placeholder cannot express cleanly: TLS to the EPP
-(``epp_tls=True``) and a stdout access log (``access_log=True``).
+(``epp_tls=True``), an EPP addressed by DNS name such as a Kubernetes Service
+(``epp_dns=True``) and a stdout access log (``access_log=True``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def lb_endpoints(endpoints: Iterable[str]) -> str:
     return json.dumps(items)
 
 
-def render_envoy_config(template_name: str, *, epp_tls: bool = False, access_log: bool = False,
+def render_envoy_config(template_name: str, *, epp_tls: bool = False, epp_dns: bool = False, access_log: bool = False,
                         fallback_endpoints: Iterable[str] | str | None = None, **values: Any) -> str:
     path = template_dir() / template_name
     try:
@@ -78,29 +79,34 @@ def render_envoy_config(template_name: str, *, epp_tls: bool = False, access_log
     except KeyError as e:
         raise EnvoyConfigError(f"template {template_name} needs a value for ${{{e.args[0]}}} "
                                f"(pass {e.args[0].lower()}=...)") from None
-    if not (epp_tls or access_log):
+    if not (epp_tls or epp_dns or access_log):
         return rendered
     doc = yaml.safe_load(rendered)
     if epp_tls:
         _add_epp_tls(doc)
+    if epp_dns:
+        _epp_cluster(doc)["type"] = "STRICT_DNS"  # a STATIC cluster takes IP addresses only
     if access_log:
         _add_access_log(doc)
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _add_epp_tls(doc: dict) -> None:
+def _epp_cluster(doc: dict) -> dict:
     for cluster in doc["static_resources"]["clusters"]:
         if cluster["name"] == "ext_proc_epp":
-            # As upstream: TLS without verifying the EPP's (self-signed) certificate, ALPN h2.
-            cluster["transport_socket"] = {
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                    "common_tls_context": {"alpn_protocols": ["h2"], "validation_context": {}},
-                },
-            }
-            return
+            return cluster
     raise EnvoyConfigError("template has no ext_proc_epp cluster")
+
+
+def _add_epp_tls(doc: dict) -> None:
+    # As upstream: TLS without verifying the EPP's (self-signed) certificate, ALPN h2.
+    _epp_cluster(doc)["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {"alpn_protocols": ["h2"], "validation_context": {}},
+        },
+    }
 
 
 def _add_access_log(doc: dict) -> None:

@@ -4,6 +4,9 @@ real `epp serve` parser, its config loads, and the pieces refer to each other co
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Any
+
 import pytest
 import yaml
 from k8s_manifests import (
@@ -25,6 +28,7 @@ from k8s_manifests import (
 )
 
 from epp.config.loader import load_config
+from epp.envoyconfig import validate as envoy_validate
 
 DIRS = ["base", "overlays/ha", "overlays/standalone", "examples/kind"]
 READ = frozenset({"get", "watch", "list"})
@@ -179,7 +183,7 @@ def test_kind_example_fits_together(crs: CustomResourceValidator) -> None:
         assert (ref["group"], ref["kind"], ref["name"]) == ("inference.networking.k8s.io", "InferencePool", "vllm-pool")
     assert {o["metadata"]["name"] for o in by_kind(objs, "InferenceObjective")} == {"interactive", "batch"}
     # The example uses the image docker-compose builds (`epp:local`), for `kind load docker-image`.
-    assert {container(d)["image"] for d in by_kind(objs, "Deployment")} == {"epp:local"}
+    assert {container(d)["image"] for d in by_kind(objs, "Deployment") if d["metadata"]["name"] != "envoy"} == {"epp:local"}
 
 
 def test_base_config_is_the_charts_default() -> None:
@@ -187,3 +191,37 @@ def test_base_config_is_the_charts_default() -> None:
     base = yaml.safe_load((K8S / "base" / "default-plugins.yaml").read_text())
     chart = one(helm_template(set_values=["router.modelServers.matchLabels.app=vllm"]), "ConfigMap")
     assert yaml.safe_load(chart["data"]["default-plugins.yaml"]) == base
+
+
+def _render_envoy_module() -> Any:
+    spec = importlib.util.spec_from_file_location("render_envoy", K8S.parent / "render_envoy.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kind_example_envoy_sends_requests_through_the_epp() -> None:
+    objs = render("examples/kind")
+    envoy = one(objs, "Deployment", "envoy")
+    c = container(envoy)
+    assert c["image"] == "envoyproxy/envoy:v1.40.0"  # the image docker-compose runs
+    config_path = c["args"][c["args"].index("-c") + 1]
+    mount = next(m for m in c["volumeMounts"] if config_path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in envoy["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    text = one(objs, "ConfigMap", volume["configMap"]["name"])["data"][config_path.rsplit("/", 1)[1]]
+    assert text == _render_envoy_module().render("kind"), "run: python deploy/render_envoy.py"
+    ok, output = envoy_validate(text)
+    assert ok, output
+    config = yaml.safe_load(text)
+    cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "ext_proc_epp")
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    pool = one(objs, "InferencePool")
+    assert cluster["type"] == "STRICT_DNS"
+    assert (address["address"], address["port_value"]) == (pool["spec"]["endpointPickerRef"]["name"],
+                                                           pool["spec"]["endpointPickerRef"]["port"]["number"])
+    assert "transport_socket" in cluster  # TLS: the EPP runs with --secure-serving (default true)
+    listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
+    service = one(objs, "Service", "envoy")
+    assert label_selector_matches(service["spec"]["selector"], envoy["spec"]["template"]["metadata"]["labels"])
+    assert listener["port_value"] == c["ports"][0]["containerPort"] == service["spec"]["ports"][0]["port"]

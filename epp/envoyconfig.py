@@ -64,7 +64,15 @@ def lb_endpoints(endpoints: Iterable[str]) -> str:
 
 
 def render_envoy_config(template_name: str, *, epp_tls: bool = False, epp_dns: bool = False, access_log: bool = False,
-                        fallback_endpoints: Iterable[str] | str | None = None, **values: Any) -> str:
+                        fallback_endpoints: Iterable[str] | str | None = None,
+                        epp_replicas: Iterable[str] | None = None, **values: Any) -> str:
+    """``epp_replicas=["10.0.0.7:9002", "10.0.0.8:9002"]``: active-active EPP replicas, see
+    ``_add_epp_replicas`` (``epp_host``/``epp_port`` are then not needed)."""
+    replicas = list(epp_replicas) if epp_replicas is not None else []
+    if replicas:
+        host, _, port = replicas[0].rpartition(":")
+        values.setdefault("epp_host", host.strip("[]"))
+        values.setdefault("epp_port", port)
     path = template_dir() / template_name
     try:
         text = path.read_text()
@@ -79,9 +87,11 @@ def render_envoy_config(template_name: str, *, epp_tls: bool = False, epp_dns: b
     except KeyError as e:
         raise EnvoyConfigError(f"template {template_name} needs a value for ${{{e.args[0]}}} "
                                f"(pass {e.args[0].lower()}=...)") from None
-    if not (epp_tls or epp_dns or access_log):
+    if not (epp_tls or epp_dns or access_log or replicas):
         return rendered
     doc = yaml.safe_load(rendered)
+    if replicas:
+        _add_epp_replicas(doc, replicas)
     if epp_tls:
         _add_epp_tls(doc)
     if epp_dns:
@@ -96,6 +106,29 @@ def _epp_cluster(doc: dict) -> dict:
         if cluster["name"] == "ext_proc_epp":
             return cluster
     raise EnvoyConfigError("template has no ext_proc_epp cluster")
+
+
+def _add_epp_replicas(doc: dict, replicas: list[str]) -> None:
+    """Every EPP replica as a host of the ext_proc cluster (active-active).
+
+    Each request's ext_proc stream goes to one replica, round robin. An active gRPC health
+    check (``grpc.health.v1`` on the ext_proc port, which every replica serves) takes a
+    replica out within ~2 s when it dies or reports NOT_SERVING, and outlier detection on
+    stream failures sooner; in full duplex a request whose stream was on a dying replica still
+    fails (no fail-open there), later ones go to the others. Replicas share nothing: each one
+    subscribes to every engine's KV events and scrapes every endpoint, so each holds the
+    same view and makes the same decisions (docs in envoy/README.md).
+    """
+    cluster = _epp_cluster(doc)
+    cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": json.loads(lb_endpoints(replicas))}]
+    cluster["health_checks"] = [{
+        "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s",
+        "unhealthy_threshold": 2, "healthy_threshold": 1,
+        "grpc_health_check": {},
+    }]
+    cluster["outlier_detection"] = {"consecutive_5xx": 3, "consecutive_gateway_failure": 3,
+                                    "base_ejection_time": "5s", "max_ejection_percent": 50}
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}  # never route to a known-dead replica
 
 
 def _add_epp_tls(doc: dict) -> None:

@@ -138,7 +138,8 @@ class EppServer:
         self.grpc_port, self.health_port = self.grpc.extproc_port, self.grpc.health_port or 0
 
         director = self.director
-        state = DebugState(self.pool, lambda: director.decisions, lambda: director.in_flight)
+        state = DebugState(self.pool, lambda: director.decisions, lambda: director.in_flight,
+                           plugins=lambda: list(director.config.plugins.values()))
         self._http, self.metrics_port = await start_http_server(state, opts.bind_address, opts.metrics_port)
         gauges = PoolGauges(self.pool, opts.pool_name, opts.metrics_staleness_threshold)
         self._tasks.append(asyncio.create_task(gauges.run(opts.refresh_prometheus_metrics_interval), name="gauges"))

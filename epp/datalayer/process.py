@@ -25,16 +25,10 @@ dies it is restarted after ``restart_delay``; endpoints keep their last data mea
 from __future__ import annotations
 
 import asyncio
-import copyreg
 import dataclasses
-import io
 import logging
-import multiprocessing
 import operator
-import os
 import pickle
-import struct
-import time
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -47,6 +41,12 @@ from epp.datalayer.collector import (
     MetricsSink,
 )
 from epp.datalayer.endpoint import Endpoint, EndpointMetadata, Metrics
+from epp.datalayer.childproc import ChildProcess, FdPair, run_child
+from epp.datalayer.childproc import drain as _drain
+from epp.datalayer.childproc import dumps as _dumps
+from epp.datalayer.childproc import frame as _frame
+from epp.datalayer.childproc import open_pipes as _open_pipes
+from epp.datalayer.childproc import read_msg as _read_msg
 from epp.datalayer.pool import EndpointPool
 from epp.framework.handle import PluginHandle, logging_warn
 from epp.framework.plugin import Plugin, RuntimeSettings
@@ -57,14 +57,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODES = ("process", "inprocess")
-_HEADER = struct.Struct("!I")
 _METRIC_FIELDS = tuple(f.name for f in dataclasses.fields(Metrics))
 _MAPPING_FIELDS = frozenset(
     f.name for f in dataclasses.fields(Metrics) if "Mapping" in str(f.type)
 )
 _METRIC_VALUES = operator.attrgetter(*_METRIC_FIELDS)  # one C call per update instead of a generator
 _MAPPING_AT = tuple(i for i, name in enumerate(_METRIC_FIELDS) if name in _MAPPING_FIELDS)
-_START_TIMEOUT = 60.0
 
 
 class CollectorProcessError(RuntimeError):
@@ -85,46 +83,6 @@ def make_collector(
             options.pop(key, None)
         return Collector(pool, wirings, **options)
     raise ValueError(f"unknown collector mode {mode!r} (expected one of: {', '.join(MODES)})")
-
-
-# -- framing: 4-byte length + pickle, over plain pipes driven by asyncio ------------------------
-
-# Read-only mappings (labels, attribute maps, engine tables) are everywhere in our objects;
-# pickle them as the dict they wrap.
-def _mappingproxy(d: dict) -> MappingProxyType:
-    return MappingProxyType(d)
-
-
-_DISPATCH = {**copyreg.dispatch_table, MappingProxyType: lambda m: (_mappingproxy, (dict(m),))}
-
-
-def _dumps(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    pickler = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.dispatch_table = _DISPATCH
-    pickler.dump(obj)
-    return buf.getvalue()
-
-
-def _frame(msg: Any) -> bytes:
-    body = _dumps(msg)
-    return _HEADER.pack(len(body)) + body
-
-
-async def _open_pipes(read_fd: int, write_fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport,
-                                                            asyncio.WriteTransport]:
-    """Asyncio transports over two pipe fds; the transports own (and close) the fds."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 30)
-    read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                                     open(read_fd, "rb", buffering=0))
-    write_transport, _ = await loop.connect_write_pipe(asyncio.Protocol, open(write_fd, "wb", buffering=0))
-    return reader, read_transport, write_transport
-
-
-async def _read_msg(reader: asyncio.StreamReader) -> Any:
-    (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    return pickle.loads(await reader.readexactly(n))
 
 
 def _upsert(ep: Endpoint) -> tuple:
@@ -161,159 +119,66 @@ class ProcessCollector:
         self.restart_delay = restart_delay
         self.sink: CollectorSink = sink if sink is not None else MetricsSink(pool.name)
         self.ticks: dict[str, int] = {}
-        self.restarts = 0
-        self.child_pid: int | None = None
-        self._payload = b""
-        self._proc: multiprocessing.process.BaseProcess | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._read_transport: asyncio.BaseTransport | None = None
-        self._writer: asyncio.WriteTransport | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._ready: asyncio.Future[None] | None = None
-        self._stopping = False
-        self._running = False
+        self._child: ChildProcess | None = None
         self._maps: dict[tuple[str, str], Any] = {}  # reuse identical mappings across updates
 
     async def start(self) -> None:
-        if self._running:
+        if self._child is not None:
             return
         for w in self.wirings:
             w.source.bind(w.extractors)
         try:
-            self._payload = _dumps([(w.source, w.extractors) for w in self.wirings])
+            payload = _dumps([(w.source, w.extractors) for w in self.wirings])
         except Exception as e:
             raise CollectorProcessError(
                 f"the data-layer plugins cannot be sent to the collector process ({type(e).__name__}: {e}); "
                 f"use the in-process collector mode for them"
             ) from e
-        self._running = True
-        self._stopping = False
+        self._child = ChildProcess("collector process", _child_main, (payload, self.options, _effective_level()),
+                                   on_message=self._on_message, error=CollectorProcessError,
+                                   on_spawn=self._send_pool, restart_delay=self.restart_delay,
+                                   stale="endpoint data goes stale")
         self.pool.subscribe(self._on_pool_event)
         for ep in self.pool.endpoints():
             self.sink.reachability(ep, ep.reachable)
         try:
-            await self._spawn()
+            await self._child.start()
         except BaseException:
             await self.stop()
             raise
 
     async def stop(self) -> None:
-        if not self._running:
+        child, self._child = self._child, None
+        if child is None:
             return
-        self._running = False
-        self._stopping = True
         self.pool.unsubscribe(self._on_pool_event)
-        self._send(("stop",))
-        proc = self._proc
-        if proc is not None:
-            await asyncio.get_running_loop().run_in_executor(None, proc.join, 5.0)
-            if proc.is_alive():
-                log.warning("collector process %s did not stop in time; terminating it", proc.pid)
-                proc.terminate()
-                await asyncio.get_running_loop().run_in_executor(None, proc.join, 2.0)
-        if self._pump is not None:
-            self._pump.cancel()
-            await asyncio.gather(self._pump, return_exceptions=True)
-            self._pump = None
-        self._close_pipes()
+        await child.stop()
+
+    @property
+    def restarts(self) -> int:
+        return self._child.restarts if self._child is not None else 0
+
+    @property
+    def child_pid(self) -> int | None:
+        return self._child.pid if self._child is not None else None
 
     @property
     def endpoints(self) -> list[str]:
         return [ep.key for ep in self.pool.endpoints()] if self.wirings else []
 
-    # -- child lifecycle -------------------------------------------------------------------
+    def _on_message(self, msg: Any) -> None:
+        if msg[0] == "batch":
+            self._apply(msg[1], msg[2], msg[3])
 
-    async def _spawn(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        to_child_r, to_child_w = os.pipe()
-        to_parent_r, to_parent_w = os.pipe()
-        # The child reads commands from to_child_r and writes batches to to_parent_w.
-        proc = ctx.Process(
-            target=_child_main,
-            args=(_FdPair(to_child_r, to_parent_w), self._payload, self.options, _effective_level()),
-            name="epp-collector",
-            daemon=True,
-        )
-        proc.start()
-        os.close(to_child_r)
-        os.close(to_parent_w)
-        self._proc = proc
-        self.child_pid = proc.pid
-        self._reader, self._read_transport, self._writer = await _open_pipes(to_parent_r, to_child_w)
-        loop = asyncio.get_running_loop()
-        self._ready = loop.create_future()
-        self._pump = loop.create_task(self._read_loop(), name="collector-process reader")
+    def _send_pool(self) -> None:
         for ep in self.pool.endpoints():
             self._send(_upsert(ep))
-        try:
-            await asyncio.wait_for(asyncio.shield(self._ready), _START_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise CollectorProcessError(f"collector process did not start within {_START_TIMEOUT:g}s") from None
-
-    def _close_pipes(self) -> None:
-        for transport in (self._writer, self._read_transport):
-            if transport is not None:
-                transport.close()
-        self._writer = self._read_transport = None
-
-    async def _read_loop(self) -> None:
-        reader = self._reader
-        assert reader is not None
-        try:
-            while True:
-                msg = await _read_msg(reader)
-                kind = msg[0]
-                if kind == "batch":
-                    self._apply(msg[1], msg[2], msg[3])
-                elif kind == "ready":
-                    if self._ready is not None and not self._ready.done():
-                        self._ready.set_result(None)
-                elif kind == "error":
-                    if self._ready is not None and not self._ready.done():
-                        self._ready.set_exception(CollectorProcessError(msg[1]))
-                    else:
-                        log.error("collector process: %s", msg[1])
-        except (asyncio.IncompleteReadError, ConnectionError, EOFError):
-            pass
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("collector process: bad message; restarting it")
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(CollectorProcessError(
-                f"collector process exited during startup (exit code {await self._exitcode()})"))
-            return
-        if not self._stopping:
-            asyncio.get_running_loop().create_task(self._restart())
-
-    async def _exitcode(self) -> int | None:
-        proc = self._proc
-        if proc is None:
-            return None
-        await asyncio.get_running_loop().run_in_executor(None, proc.join, 1.0)
-        return proc.exitcode
-
-    async def _restart(self) -> None:
-        code = await self._exitcode()
-        log.error("collector process exited unexpectedly (exit code %s); endpoint data goes stale until it is "
-                  "restarted in %.1fs", code, self.restart_delay)
-        self._close_pipes()
-        await asyncio.sleep(self.restart_delay)
-        if self._stopping or not self._running:
-            return
-        self.restarts += 1
-        try:
-            await self._spawn()
-        except Exception as e:
-            log.error("collector process restart failed: %s", e)
-            if not self._stopping:
-                asyncio.get_running_loop().create_task(self._restart())
 
     # -- pool -> child -----------------------------------------------------------------------
 
     def _send(self, msg: Any) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(_frame(msg))
+        if self._child is not None:
+            self._child.send(msg)
 
     def _on_pool_event(self, event: str, ep: Endpoint) -> None:
         if event == "removed":
@@ -369,38 +234,10 @@ def _effective_level() -> int:
     return logging.getLogger("epp").getEffectiveLevel()
 
 
-class _FdPair:
-    """Two raw pipe fds handed to the spawned child (multiprocessing passes them as DupFd)."""
-
-    def __init__(self, read_fd: int, write_fd: int) -> None:
-        self.read_fd = read_fd
-        self.write_fd = write_fd
-
-    def __reduce__(self) -> Any:
-        from multiprocessing.reduction import DupFd
-
-        return (_FdPair._rebuild, (DupFd(self.read_fd), DupFd(self.write_fd)))
-
-    @staticmethod
-    def _rebuild(read_dup: Any, write_dup: Any) -> "_FdPair":
-        return _FdPair(read_dup.detach(), write_dup.detach())
-
-
 # -- the child side -----------------------------------------------------------------------------
 
-def _child_main(fds: _FdPair, payload: bytes, options: dict[str, Any], level: int) -> None:
-    if options.get("nice"):
-        try:
-            os.nice(options["nice"])
-        except OSError:
-            pass
-    try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    runner(_child(fds, payload, options, level))
+def _child_main(fds: FdPair, payload: bytes, options: dict[str, Any], level: int) -> None:
+    run_child(_child, fds, payload, options, level, nice=options.get("nice", 0))
 
 
 class _Batcher:
@@ -485,7 +322,7 @@ class _ForwardLogs(logging.Handler):
             pass
 
 
-async def _child(fds: _FdPair, payload: bytes, options: dict[str, Any], level: int) -> None:
+async def _child(fds: FdPair, payload: bytes, options: dict[str, Any], level: int) -> None:
     reader, _, writer = await _open_pipes(fds.read_fd, fds.write_fd)
     pool = EndpointPool(options["pool_name"])
     batcher = _Batcher({})
@@ -561,10 +398,3 @@ async def _child(fds: _FdPair, payload: bytes, options: dict[str, Any], level: i
         if batch is not None:
             send(batch)
         await _drain(writer)
-
-
-async def _drain(writer: asyncio.WriteTransport) -> None:
-    deadline = time.monotonic() + 2.0
-    while writer.get_write_buffer_size() and time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
-    writer.close()

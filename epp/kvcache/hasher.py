@@ -36,12 +36,13 @@ def token_bytes(tokens: Sequence[int]) -> bytes:
 class BlockHasher:
     """Chained request keys over blocks of ``block_size`` tokens."""
 
-    __slots__ = ("block_size", "seed", "_step", "_roots")
+    __slots__ = ("block_size", "seed", "seed_text", "_step", "_roots")
 
     def __init__(self, block_size: int = 16, hash_seed: str = "") -> None:
         if block_size <= 0:
             raise ValueError("block size must be > 0")
         self.block_size = block_size
+        self.seed_text = hash_seed
         self.seed = _xxh64(hash_seed.encode())
         self._step = block_size * 4
         self._roots: dict[tuple[str, str], int] = {}

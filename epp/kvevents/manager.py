@@ -43,8 +43,9 @@ class _Subscription:
 
 
 class Subscriptions:
-    def __init__(self, config: KVEventsConfig, ingestor: Ingestor) -> None:
+    def __init__(self, config: KVEventsConfig, ingestor: Ingestor, gate: asyncio.Event | None = None) -> None:
         self.config = config
+        self.gate = gate
         self.ingestor = ingestor
         self.ctx = zmq.asyncio.Context()
         self._subs: dict[str, _Subscription] = {}  # endpoint key -> per-endpoint subscription
@@ -66,7 +67,7 @@ class Subscriptions:
             self._central_sock = sock
             self._central_status.connected = True
             loop = asyncio.get_running_loop()
-            self._tasks.append(loop.create_task(self._guard(pump(sock, self._route_central, self._count_error)),
+            self._tasks.append(loop.create_task(self._guard(pump(sock, self._route_central, self._count_error, self.gate)),
                                                 name="kv-events central"))
             log.info("kv-events: bound %s for publishers to connect", self.config.zmqEndpoint)
 
@@ -101,11 +102,16 @@ class Subscriptions:
         self._subs[key] = sub
         loop = asyncio.get_running_loop()
         mon = monitor(sock)
-        sub.tasks.append(loop.create_task(watch_connection(sock, mon, status, lambda _e: session.reconnected()),
+        sub.tasks.append(loop.create_task(watch_connection(sock, mon, status, lambda _e: self._reconnected(sub)),
                                           name=f"kv-events monitor {key}"))
         sock.connect(url)
         sub.tasks.append(loop.create_task(
-            self._guard(pump(sock, lambda _topic: session, self._count_error), key), name=f"kv-events {key}"))
+            self._guard(pump(sock, lambda _topic: session, self._count_error, self.gate), key), name=f"kv-events {key}"))
+
+    def _reconnected(self, sub: _Subscription) -> None:
+        sub.session.reconnected()
+        sub.tasks = [t for t in sub.tasks if not t.done()]
+        sub.tasks.append(asyncio.get_running_loop().create_task(self._guard(sub.session.verify(), sub.session.endpoint)))
 
     async def untrack(self, key: str) -> None:
         """The endpoint left the pool: stop listening and forget its blocks."""

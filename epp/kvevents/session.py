@@ -96,6 +96,7 @@ class Session:
         self._suspect = False  # reconnected: the publisher may have restarted behind our back
         self._replay_blocked_until = 0.0
         self._warned: set[str] = set()
+        self._lock = asyncio.Lock()  # live messages and reconnect checks take turns
 
     @property
     def last_seq(self) -> int | None:
@@ -103,11 +104,25 @@ class Session:
 
     # --- input ------------------------------------------------------------------------------
     def reconnected(self) -> None:
-        """The transport lost and regained the publisher: verify the stream on the next message."""
+        """The transport lost and regained the publisher: verify the stream on the next message
+        (and, with a replay socket, at once: ``verify()``)."""
         self._suspect = True
         self._dup = None  # whatever comes now was not queued behind a replay
 
+    async def verify(self) -> None:
+        """After a reconnect, check with the replay socket whether the publisher restarted,
+        without waiting for its next batch (an idle engine may send none for a long time)."""
+        async with self._lock:
+            if not self._suspect or self._last is None or not self._can_replay(self.clock()):
+                return
+            self._suspect = False
+            await self._catch_up(None, b"")
+
     async def on_message(self, seq_frame: bytes, payload: bytes) -> None:
+        async with self._lock:
+            await self._on_message(seq_frame, payload)
+
+    async def _on_message(self, seq_frame: bytes, payload: bytes) -> None:
         st = self.status
         st.messages += 1
         now = self.clock()
@@ -152,8 +167,8 @@ class Session:
 
     def _restarted(self, last: int, seq: int) -> None:
         self.status.restarts += 1
-        log.info("kv-events %s: sequence went back from %d to %d (publisher restarted); clearing the "
-                 "endpoint's blocks", self.endpoint, last, seq)
+        log.info("kv-events %s: the publisher restarted (we had seq %d, it has %s); clearing the endpoint's "
+                 "blocks", self.endpoint, last, seq if seq >= 0 else "nothing")
         self.reset()
 
     def _apply(self, seq: int, payload: bytes, now: float) -> None:
@@ -192,7 +207,7 @@ class Session:
             return None
         return got
 
-    async def _catch_up(self, seq: int, payload: bytes) -> None:
+    async def _catch_up(self, seq: int | None, payload: bytes) -> None:
         """Fill in what we missed before live message ``seq`` from the publisher's replay buffer.
 
         With history, ask from our last seq and check the publisher still has that exact batch:
@@ -204,15 +219,17 @@ class Session:
         if last is not None:
             got = await self._fetch(last)
             if got is None:
-                self._finish(seq, payload)
+                self._finish(seq, payload, None)
                 return
             if got and got[0][0] == last and _digest(got[0][1]) == self._last_digest:
                 self._apply_run(got[1:])
-                self._finish(seq, payload)
+                self._finish(seq, payload, got[1][0] if len(got) > 1 else None)
                 return
-            if got and got[0][0] <= last:
-                self._restarted(last, got[0][0])
-                got = got if got[0][0] == 0 else await self._fetch(0)
+            if not got or got[0][0] <= last:
+                # Another batch at our seq, or nothing at all: a publisher always buffers its
+                # latest batch, so this is a new process.
+                self._restarted(last, got[0][0] if got else -1)
+                got = got if got and got[0][0] == 0 else await self._fetch(0)
             else:
                 self.status.resets += 1
                 log.info("kv-events %s: the publisher no longer buffers seq %d; resetting the endpoint",
@@ -224,7 +241,7 @@ class Session:
             if got[0][0] != 0:
                 self.status.resets += 1  # joined later than the buffer reaches: older blocks stay unknown
             self._apply_run(got)
-        self._finish(seq, payload)
+        self._finish(seq, payload, got[0][0] if got else None)
 
     def _apply_run(self, got: list[tuple[int, bytes]]) -> None:
         now = self.clock()
@@ -237,9 +254,17 @@ class Session:
                     self.status.gaps += 1
             self._apply(s, p, now)
 
-    def _finish(self, seq: int, payload: bytes) -> None:
-        """After a catch-up: apply the live message that triggered it, unless the replay covered it."""
+    def _finish(self, seq: int | None, payload: bytes, replayed_from: int | None) -> None:
+        """After a catch-up: apply the live message that triggered it, unless the replay covered it.
+
+        Live messages queued meanwhile that the replay covered are skipped afterwards (``_dup``):
+        from the trigger's seq, or, after a reconnect check, from the first replayed seq.
+        """
         last = self._last
+        if seq is None:  # a reconnect check: no live message
+            if replayed_from is not None and last is not None:
+                self._dup = (replayed_from, last)
+            return
         if last is not None and seq <= last:
             self._dup = (seq, last)
             return

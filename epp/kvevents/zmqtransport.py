@@ -128,10 +128,16 @@ async def watch_connection(sock: zmq.asyncio.Socket, mon: zmq.asyncio.Socket, st
 
 
 async def pump(sock: zmq.asyncio.Socket, route: Callable[[bytes], Session | None],
-               on_error: Callable[[str], None]) -> None:
-    """Receive ``[topic, seq, payload]`` messages forever and hand each to its session."""
+               on_error: Callable[[str], None], gate: asyncio.Event | None = None) -> None:
+    """Receive ``[topic, seq, payload]`` messages forever and hand each to its session.
+
+    ``gate``, when given and cleared, pauses reading (backpressure from whoever consumes
+    the index writes); ZMQ's high-water mark then bounds what queues up.
+    """
     n = 0
     while True:
+        if gate is not None and not gate.is_set():
+            await gate.wait()
         frames = await sock.recv_multipart()
         n += 1
         if n % YIELD_EVERY == 0:

@@ -43,6 +43,28 @@ def _profile_json(pr: ProfileResult | None) -> dict[str, Any] | None:
     }
 
 
+def prefix_matches_json(result: SchedulingResult) -> dict[str, Any] | None:
+    """Per prefix producer: the request's blocks and each endpoint's matched blocks.
+
+    Producers share one per-request state between all candidates' match records (it has
+    ``producer``, ``total_blocks``, ``block_size_tokens`` and ``matches``); the pick's record
+    leads to it, so nothing is copied on the request path.
+    """
+    pr = result.profile_results.get(result.primary_profile)
+    if pr is None or not pr.targets:
+        return None
+    out: dict[str, Any] = {}
+    for value in pr.targets[0].data.values():
+        state = getattr(value, "request", None)
+        matches = getattr(state, "matches", None)
+        name = getattr(state, "producer", "") or "prefix"
+        if matches is None or name in out:
+            continue
+        out[name] = {"total_blocks": state.total_blocks, "block_size_tokens": state.block_size_tokens,
+                     "matched_blocks": dict(matches)}
+    return out or None
+
+
 def decision_json(d: Decision) -> dict[str, Any]:
     return {
         "time": d.at,
@@ -54,6 +76,7 @@ def decision_json(d: Decision) -> dict[str, Any]:
         "pick": d.target,
         "primary_profile": d.result.primary_profile,
         "profiles": {name: _profile_json(pr) for name, pr in d.result.profile_results.items()},
+        "prefix_matches": prefix_matches_json(d.result),
         "timing_ms": {"scheduling": round(d.scheduling_s * 1e3, 4), "total": round(d.total_s * 1e3, 4)},
     }
 

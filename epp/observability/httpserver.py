@@ -24,11 +24,24 @@ class DebugState:
     """What the debug pages show; ``decisions`` follows the live director (config reloads)."""
 
     def __init__(self, pool: EndpointPool, decisions: Callable[[], DecisionLog],
-                 in_flight: Callable[[], int] = lambda: 0, started: float | None = None) -> None:
+                 in_flight: Callable[[], int] = lambda: 0, started: float | None = None,
+                 plugins: Callable[[], list] = list) -> None:
         self.pool = pool
         self.decisions = decisions
         self.in_flight = in_flight
         self.started = started or time.time()
+        self.plugins = plugins  # the live config's plugins; those with debug_state() get a section
+
+    def plugin_states(self) -> list[dict]:
+        out = []
+        for p in self.plugins():
+            state = getattr(p, "debug_state", None)
+            if callable(state):
+                try:
+                    out.append({"plugin": getattr(p, "name", ""), "type": getattr(p, "plugin_type", ""), **state()})
+                except Exception as e:  # a debug view must never break the page
+                    out.append({"plugin": getattr(p, "name", ""), "error": f"{type(e).__name__}: {e}"})
+        return out
 
 
 def endpoint_rows(pool: EndpointPool) -> list[dict]:
@@ -73,6 +86,9 @@ def build_app(state: DebugState) -> web.Application:
         return web.json_response({"pool": state.pool.name, "synced": state.pool.synced,
                                   "endpoints": endpoint_rows(state.pool)})
 
+    async def plugin_debug(_req: web.Request) -> web.Response:
+        return web.json_response({"plugins": state.plugin_states()}, dumps=lambda o: json.dumps(o, indent=1))
+
     async def page(_req: web.Request) -> web.Response:
         return web.Response(text=render_page(state), content_type="text/html")
 
@@ -82,6 +98,7 @@ def build_app(state: DebugState) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/debug/decisions", decisions)
     app.router.add_get("/debug/endpoints", endpoints)
+    app.router.add_get("/debug/plugins", plugin_debug)
     app.router.add_get("/debug", page)
     return app
 
@@ -113,6 +130,7 @@ def render_page(state: DebugState, n_decisions: int = 20) -> str:
             f"<td>{d.candidates}</td><td><b>{e(d.target)}</b></td><td>{scores}</td>"
             f"<td>{dj['timing_ms']['scheduling']:.3f} / {dj['timing_ms']['total']:.3f}</td></tr>")
     dec_html = "".join(dec_rows) or "<tr><td colspan=7>no decisions yet</td></tr>"
+    kv_html = "".join(_kv_events_section(ps) for ps in state.plugin_states() if "subscriptions" in ps)
     return f"""<!doctype html><html><head><meta charset=utf-8><title>EPP debug</title>
 <meta http-equiv=refresh content=5>
 <style>body{{font:14px sans-serif;margin:1em}}table{{border-collapse:collapse;margin-bottom:1.5em}}
@@ -122,11 +140,31 @@ td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}th{{background:
 <p>pool <b>{e(state.pool.name or '-')}</b>, synced: {state.pool.synced}, endpoints: {len(rows)},
 requests in flight: {state.in_flight()}, up {time.time() - state.started:.0f}s.
 JSON: <a href="/debug/decisions">/debug/decisions</a>, <a href="/debug/endpoints">/debug/endpoints</a>,
-<a href="/metrics">/metrics</a></p>
+<a href="/debug/plugins">/debug/plugins</a>, <a href="/metrics">/metrics</a></p>
 <h2>Endpoints</h2><table><tr><th>endpoint</th><th>name</th><th>reachable</th><th>metrics age</th>
-<th>queue</th><th>running</th><th>KV usage</th></tr>{ep_html}</table>
+<th>queue</th><th>running</th><th>KV usage</th></tr>{ep_html}</table>{kv_html}
 <h2>Recent decisions</h2><table><tr><th>time</th><th>request</th><th>model</th><th>candidates</th><th>pick</th>
 <th>scores (raw&rarr;weighted)</th><th>ms sched / total</th></tr>{dec_html}</table></body></html>"""
+
+
+def _kv_events_section(ps: dict) -> str:
+    """A precise prefix producer: its index and one row per KV-event subscription."""
+    e = html.escape
+    idx = ps.get("index", {})
+    rows = "".join(
+        f"<tr><td>{e(str(s['endpoint']))}</td><td>{e(str(s.get('address', '')))}</td>"
+        f"<td class={'ok' if s.get('connected') else 'bad'}>{'yes' if s.get('connected') else 'NO'}</td>"
+        f"<td>{s.get('last_seq')}</td><td>{s.get('messages')}</td><td>{s.get('gaps')}</td>"
+        f"<td>{s.get('replays')} ({s.get('replay_failures')} failed)</td><td>{s.get('restarts')}</td>"
+        f"<td>{s.get('delivery_lag_s')}s / {_age(s.get('idle_s'))}</td><td>{s.get('blocks')}</td>"
+        f"<td>{idx.get('per_endpoint', {}).get(s['endpoint'], 0)}</td><td>{e(str(s.get('errors') or ''))}</td></tr>"
+        for s in ps.get("subscriptions", [])) or "<tr><td colspan=12>no subscriptions</td></tr>"
+    return (f"<h2>KV events ({e(str(ps.get('plugin')))}, {e(str(ps.get('subscriber_mode')))})</h2>"
+            f"<p>index entries {idx.get('entries', 0)} of {idx.get('capacity', 0)}, evicted by the bound "
+            f"{idx.get('evictions', 0)}; lookups {e(str(ps.get('lookups', {})))}; events {e(str(ps.get('events', {})))}</p>"
+            "<table><tr><th>endpoint</th><th>publisher</th><th>connected</th><th>last seq</th><th>messages</th>"
+            "<th>gaps</th><th>replays</th><th>restarts</th><th>lag / idle</th><th>engine blocks</th>"
+            f"<th>index entries</th><th>errors</th></tr>{rows}</table>")
 
 
 async def start_http_server(state: DebugState, host: str, port: int) -> tuple[web.AppRunner, int]:

@@ -7,6 +7,7 @@ Importing this package registers them (``@register`` runs at import).
 from plugins.requestcontrol import (  # noqa: F401  (registration side effects)
     inflight,
     openai_parser,
+    precise_prefix,
     prefix_producer,
     saturation,
     served_verifier,

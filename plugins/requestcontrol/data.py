@@ -11,10 +11,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PREFIX_CACHE_MATCH_INFO_KEY = "PrefixCacheMatchInfoKey"
+# The prompt's token IDs (a ``TokenizedPrompt`` in the CycleState), from ``token-producer``.
+TOKENIZED_PROMPT_KEY = "TokenizedPrompt"
 INFLIGHT_LOAD_KEY = "InFlightLoadKey"
 # Our own key (no upstream equivalent): requests routed to an endpoint still waiting for their
 # first generated token, and their uncached prompt tokens (an ``InFlightLoad`` record).
 PREFILL_BACKLOG_KEY = "PrefillBacklogKey"
+
+
+def prefix_match_key(producer: str) -> str:
+    """The data key of one named prefix producer (upstream: the key "with producer name").
+
+    Every prefix producer writes its ``PrefixCacheMatchInfo`` under this key *and* the plain
+    ``PREFIX_CACHE_MATCH_INFO_KEY``, so ``prefix-cache-scorer`` can name its producer
+    (``prefixMatchInfoProducerName``) while other consumers read whichever one is configured.
+    """
+    return f"{PREFIX_CACHE_MATCH_INFO_KEY}/{producer}" if producer else PREFIX_CACHE_MATCH_INFO_KEY
+
+
+class TokenizedPrompt:
+    """The token IDs of a request's prompt, packed as uint32 little-endian (4 bytes each)."""
+
+    __slots__ = ("data", "source")
+
+    def __init__(self, data: bytes, source: str) -> None:
+        self.data = data
+        self.source = source  # "render" | "local" | "cache"
+
+    def __len__(self) -> int:
+        return len(self.data) // 4
 
 
 class PrefixRequestState:
@@ -25,14 +50,19 @@ class PrefixRequestState:
     cold request (no endpoint holds any block) from any candidate's record.
     """
 
-    __slots__ = ("hashes", "total_blocks", "block_size_tokens", "block_size_chars", "max_match")
+    __slots__ = ("hashes", "total_blocks", "block_size_tokens", "block_size_chars", "max_match", "matches",
+                 "producer")
 
-    def __init__(self, hashes: tuple[int, ...], block_size_tokens: int, block_size_chars: int) -> None:
+    def __init__(self, hashes: tuple[int, ...], block_size_tokens: int, block_size_chars: int,
+                 producer: str = "") -> None:
         self.hashes = hashes
         self.total_blocks = len(hashes)
         self.block_size_tokens = block_size_tokens
         self.block_size_chars = block_size_chars
         self.max_match = 0
+        # endpoint -> matched blocks (endpoints without a match omitted), for /debug/decisions
+        self.matches: dict[str, int] | None = None
+        self.producer = producer
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,12 @@ from epp.framework.scheduling import CycleState, SchedulingResult
 from epp.framework.types import Candidate, InferenceRequest
 from epp.observability import deferred
 from epp.observability import metrics as m
-from plugins.requestcontrol.data import PREFIX_CACHE_MATCH_INFO_KEY, PrefixCacheMatchInfo, PrefixRequestState
+from plugins.requestcontrol.data import (
+    PREFIX_CACHE_MATCH_INFO_KEY,
+    PrefixCacheMatchInfo,
+    PrefixRequestState,
+    prefix_match_key,
+)
 from plugins.requestcontrol.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
@@ -78,10 +83,12 @@ def chain_hashes(data: bytes, block_chars: int, seed_text: bytes) -> tuple[int, 
 @register("approx-prefix-cache-producer")
 class ApproxPrefixCacheProducer(DataProducer, PreRequest):
     Params = ApproxPrefixParams
-    produces = frozenset({PREFIX_CACHE_MATCH_INFO_KEY})
 
     def __init__(self, name: str | None = None, params: ApproxPrefixParams | None = None) -> None:
         super().__init__(name, params)
+        # The plain key, and the one with our name (prefix-cache-scorer's prefixMatchInfoProducerName).
+        self._named = prefix_match_key(self.name)
+        self.produces = frozenset({PREFIX_CACHE_MATCH_INFO_KEY, self._named})
         p: ApproxPrefixParams = self.params
         self.block_size_tokens = p.blockSizeTokens or 16
         self.index = PrefixIndex()
@@ -130,25 +137,26 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
             return
         block_tokens = self._block_tokens(candidates)
         hashes = self.hashes_for(request, block_tokens)
-        state = PrefixRequestState(hashes, block_tokens, block_tokens * AVERAGE_CHARS_PER_TOKEN)
+        state = PrefixRequestState(hashes, block_tokens, block_tokens * AVERAGE_CHARS_PER_TOKEN, self.name)
         total = len(hashes)
         zero = PrefixCacheMatchInfo(0, total, block_tokens, state)
-        key = PREFIX_CACHE_MATCH_INFO_KEY
+        key, named = PREFIX_CACHE_MATCH_INFO_KEY, self._named
         matches = self.index.match(hashes) if total else None
         best = 0
         if matches:
             for c in candidates:
                 n = matches.get(c.key, 0)
                 if n:
-                    c.data[key] = PrefixCacheMatchInfo(n, total, block_tokens, state)
+                    c.data[key] = c.data[named] = PrefixCacheMatchInfo(n, total, block_tokens, state)
                     if n > best:
                         best = n
                 else:
-                    c.data[key] = zero
+                    c.data[key] = c.data[named] = zero
         else:
             for c in candidates:
-                c.data[key] = zero
+                c.data[key] = c.data[named] = zero
         state.max_match = best
+        state.matches = matches
         if total:
             deferred.observe(m.PREFIX_INDEXER_HIT_RATIO, best / total)
             deferred.observe(m.PREFIX_INDEXER_HIT_BYTES, best * state.block_size_chars)
@@ -178,3 +186,4 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
 
 
 registry.register_default_producer(PREFIX_CACHE_MATCH_INFO_KEY, "approx-prefix-cache-producer")
+registry.register_default_producer(prefix_match_key("approx-prefix-cache-producer"), "approx-prefix-cache-producer")

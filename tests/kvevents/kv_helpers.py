@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 from typing import Callable
@@ -29,6 +30,27 @@ def common_free_port(hosts: list[str]) -> int:
         except OSError:
             continue
     raise RuntimeError("no port free on all hosts")
+
+
+async def published(pubs, cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Wait for ``cond``; meanwhile step every publisher with an empty batch.
+
+    A SUB socket misses what its PUB sent before the subscription reached it (ZMQ's "slow
+    joiner"), even after the TCP connection is up. The next batch shows the gap and the
+    subscriber replays what it missed, as it would in production where engines keep stepping.
+    """
+    async def step() -> bool:
+        if cond():
+            return True
+        for p in pubs:
+            p.publish([])
+        await asyncio.sleep(0.05)
+        return cond()
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await step():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def eventually(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import zmq
-from kv_helpers import common_free_port, eventually
+from kv_helpers import common_free_port, eventually, published
 from kv_publisher import EngineModel, Publisher, encode_batch
 
 from epp.kvcache.hasher import BlockHasher
@@ -76,8 +76,11 @@ async def test_decodes_both_event_forms_and_both_hash_forms(loopback):
                 if events:
                     pub.publish(events)
         for h, engine in zip(hosts, engines):
-            await eventually(lambda h=h, e=engine: set(rig.index.holdings(rig.key(h))) == expected(e, rig.hasher),
-                             what=f"index of {h} to equal the engine's blocks")
+            try:
+                await eventually(lambda h=h, e=engine: set(rig.index.holdings(rig.key(h))) == expected(e, rig.hasher),
+                                 what=f"index of {h} to equal the engine's blocks")
+            except AssertionError as e:
+                raise AssertionError(f"{e}: {rig.status(h)} {rig.ingestor.counters}") from None
         # A request sharing the system prompt matches 3 blocks on both; unknown endpoints none.
         keys = rig.hasher.keys(SYSTEM + [1] * 20, rig.hasher.root())
         m = rig.index.match(keys, [rig.key(h) for h in hosts] + ["127.0.0.9:1"])
@@ -102,14 +105,14 @@ async def test_replay_fills_what_was_missed_and_a_restart_clears(loopback):
         rig.subs.track(rig.key(host), host)
         await eventually(lambda: rig.status(host)["connected"], what="connection")
         pub.publish(engine.store(SYSTEM + [_rng.randrange(100_000) for _ in range(40)]))
-        await eventually(lambda: set(rig.index.holdings(rig.key(host))) == expected(engine, rig.hasher),
-                         what="replayed history")
+        await published([pub], lambda: set(rig.index.holdings(rig.key(host))) == expected(engine, rig.hasher),
+                        what="replayed history")
         st = rig.status(host)
-        assert st["replays"] >= 1 and st["last_seq"] == 5
+        assert st["replays"] >= 1 and st["last_seq"] == pub.seq - 1
         # A lost message (a gap) is repaired from the replay buffer by the next one.
         pub.publish(engine.store(SYSTEM + [_rng.randrange(100_000) for _ in range(40)]), send=False)
-        pub.publish(engine.evict(3))
-        await eventually(lambda: rig.status(host)["last_seq"] == 7, what="gap repair")
+        last = pub.publish(engine.evict(3))
+        await eventually(lambda: rig.status(host)["last_seq"] == last, what="gap repair")
         assert set(rig.index.holdings(rig.key(host))) == expected(engine, rig.hasher)
         assert rig.status(host)["gaps"] >= 1
         # The publisher process restarts: new socket, empty cache, sequence from 0.
@@ -120,8 +123,8 @@ async def test_replay_fills_what_was_missed_and_a_restart_clears(loopback):
         await eventually(lambda: rig.status(host)["connected"], what="reconnect")
         for _ in range(3):
             pub.publish(engine.store(SYSTEM[:16] + [_rng.randrange(100_000) for _ in range(32)]))
-        await eventually(lambda: set(rig.index.holdings(rig.key(host))) == expected(engine, rig.hasher),
-                         what="the restarted engine's blocks only")
+        await published([pub], lambda: set(rig.index.holdings(rig.key(host))) == expected(engine, rig.hasher),
+                        what="the restarted engine's blocks only")
         assert rig.status(host)["restarts"] == 1
         # The endpoint leaves the pool: its blocks go too.
         await rig.subs.untrack(rig.key(host))

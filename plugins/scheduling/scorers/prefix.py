@@ -10,11 +10,17 @@ from epp.framework import PreRequest, Scorer, register
 from epp.framework.plugin import Handle
 from epp.framework.scheduling import CycleState, SchedulingResult
 from epp.framework.types import Candidate, InferenceRequest
-from plugins.requestcontrol.data import PREFIX_CACHE_MATCH_INFO_KEY, PrefixCacheMatchInfo
+from plugins.requestcontrol.data import PREFIX_CACHE_MATCH_INFO_KEY, PrefixCacheMatchInfo, prefix_match_key
 
 
 @dataclass
 class PrefixCacheScorerParams:
+    # The producer whose PrefixCacheMatchInfo to score (e.g. precise-prefix-cache-producer);
+    # empty: whichever prefix producer is configured (the approximate one by default).
+    prefixMatchInfoProducerName: str = ""
+    # score = (1 - w) * match / total + w * min(1, matched tokens / maxModelLen)^2
+    prefixLengthWeight: float = 0.0
+    maxModelLen: int | None = None
     # Upstream moved these to approx-prefix-cache-producer and ignores them here; accepted
     # so old configs load, with a warning saying where they belong.
     autoTune: bool | None = None
@@ -24,17 +30,38 @@ class PrefixCacheScorerParams:
     maxPrefixTokensToMatch: int | None = None
     lruCapacityPerServer: int | None = None
 
+    def validate(self) -> None:
+        if not 0.0 <= self.prefixLengthWeight <= 1.0:
+            raise ValueError(f"'prefixLengthWeight' must be between 0.0 and 1.0, got {self.prefixLengthWeight}")
+        if self.maxModelLen is not None and self.maxModelLen <= 0:
+            raise ValueError(f"'maxModelLen' must be greater than 0, got {self.maxModelLen}")
+        if self.prefixLengthWeight > 0 and self.maxModelLen is None:
+            raise ValueError("'maxModelLen' must be specified when 'prefixLengthWeight' is greater than 0")
+
+
+_LEGACY = ("autoTune", "blockSize", "blockSizeTokens", "maxPrefixBlocksToMatch", "maxPrefixTokensToMatch",
+           "lruCapacityPerServer")
+
 
 @register("prefix-cache-scorer")
 class PrefixCacheScorer(Scorer):
-    """matchBlocks / totalBlocks from the prefix producer's data; no data or no blocks -> 0."""
+    """matchBlocks / totalBlocks from the prefix producer's data; no data or no blocks -> 0.
+
+    With ``prefixLengthWeight`` w > 0 (upstream): (1 - w) * ratio + w * min(1, matched tokens /
+    ``maxModelLen``)^2, so long matches count more than short ones with the same ratio.
+    """
 
     Params = PrefixCacheScorerParams
-    consumes = frozenset({PREFIX_CACHE_MATCH_INFO_KEY})
+
+    def __init__(self, name: str | None = None, params: PrefixCacheScorerParams | None = None) -> None:
+        super().__init__(name, params)
+        p: PrefixCacheScorerParams = self.params
+        self.key = prefix_match_key(p.prefixMatchInfoProducerName)
+        self.consumes = frozenset({self.key})
 
     @classmethod
     def create(cls, name: str, params: PrefixCacheScorerParams, handle: Handle) -> "PrefixCacheScorer":
-        legacy = [k for k, v in vars(params).items() if v is not None]
+        legacy = [k for k in _LEGACY if getattr(params, k) is not None]
         if legacy:
             handle.warn(
                 f"parameters {', '.join(legacy)} are ignored by prefix-cache-scorer; "
@@ -43,13 +70,25 @@ class PrefixCacheScorer(Scorer):
         return cls(name, params)
 
     def score(self, cycle: CycleState, request: InferenceRequest, candidates: list[Candidate]) -> Sequence[float]:
-        key = PREFIX_CACHE_MATCH_INFO_KEY
+        key = self.key
         if not candidates:
             return []
         first = candidates[0].data.get(key)
         if first is not None and first.request is not None and first.request.max_match == 0:
             return [0.0] * len(candidates)  # nothing matched anywhere
-        return [d.ratio if (d := c.data.get(key)) is not None else 0.0 for c in candidates]
+        w = self.params.prefixLengthWeight
+        if w <= 0.0:
+            return [d.ratio if (d := c.data.get(key)) is not None else 0.0 for c in candidates]
+        scale = float(self.params.maxModelLen)
+        out = []
+        for c in candidates:
+            d = c.data.get(key)
+            if d is None or d.total_blocks == 0:
+                out.append(0.0)
+                continue
+            length = min(1.0, d.matched_tokens / scale)
+            out.append((1.0 - w) * d.ratio + w * length * length)
+        return out
 
 
 @dataclass

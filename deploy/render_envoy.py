@@ -4,6 +4,8 @@
   network (Envoy's STATIC clusters need an IP, not a service name).
 - deploy/kubernetes/examples/kind/envoy.yaml: the kind example's Envoy, which reaches the EPP
   through its Service (a DNS name) over TLS (the EPP's default --secure-serving).
+- deploy/envoy/envoy-replicas.yaml: docker-compose.replicas.yml's Envoy, with both EPP replicas
+  (active-active) in the ext_proc cluster (``epp_replicas``).
 
 Regenerate after changing a template or the values below:
 
@@ -56,9 +58,15 @@ KIND_VALUES = {
     "epp_host": "vllm-pool-epp",
     "epp_port": 9002,
 }
+# Must match docker-compose.replicas.yml: the epp and epp-2 services' addresses, both on --grpc-port 9002.
+EPP_REPLICAS = ["172.28.5.10:9002", "172.28.5.14:9002"]
 OUTPUTS = {
     "compose": Output(HERE / "envoy" / "envoy.yaml", VALUES,
                       "docker-compose mounts it into the envoy service as /etc/envoy/envoy.yaml."),
+    "replicas": Output(HERE / "envoy" / "envoy-replicas.yaml",
+                       {k: v for k, v in VALUES.items() if k not in ("epp_host", "epp_port")},
+                       "docker-compose.replicas.yml mounts it into the envoy service as /etc/envoy/envoy.yaml.",
+                       {"epp_replicas": EPP_REPLICAS}),
     "kind": Output(HERE / "kubernetes" / "examples" / "kind" / "envoy.yaml", KIND_VALUES,
                    "examples/kind/kustomization.yaml puts it in the ConfigMap the envoy Deployment mounts.",
                    {"epp_tls": True, "epp_dns": True}),

@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import struct
 import time
 from types import MappingProxyType
@@ -96,7 +97,15 @@ class FdPair:
 
 
 def run_child(main: Callable[..., Awaitable[None]], *args: Any, nice: int = 0) -> None:
-    """The child's process entry: ``main(*args)`` on uvloop, ``nice`` steps below the parent."""
+    """The child's process entry: ``main(*args)`` on uvloop, ``nice`` steps below the parent.
+
+    The child ignores SIGINT/SIGTERM: a terminal's Ctrl-C or a supervisor signalling the whole
+    process group reaches it too, and it must not die before the parent has told it to stop
+    (the parent would then log a crash and restart it). It ends on the parent's ``("stop",)``
+    or when the pipe from the parent closes, i.e. when the parent is gone.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice:
         try:
             os.nice(nice)

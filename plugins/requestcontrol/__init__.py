@@ -11,4 +11,5 @@ from plugins.requestcontrol import (  # noqa: F401  (registration side effects)
     prefix_producer,
     saturation,
     served_verifier,
+    tokens,
 )

@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--duration", type=float, metavar="S", help="model seconds of arrivals per workload (default 30)")
     q.add_argument("--envoy-template", metavar="NAME", help="Envoy template in envoy/ for the EPP policies")
     q.add_argument("--no-peers", action="store_true", help="skip the peer routers (no venv, no installs)")
+    q.add_argument("--runs", type=int, metavar="N", help="kv-pressure: runs per cell (default 3)")
 
 
 def _entry_point(name: str) -> Callable[..., Any]:
@@ -93,6 +94,16 @@ def _quality_settings(args: argparse.Namespace) -> Any:
         changes["install_peers"] = False
         kinds = {p.name: p.kind for p in POLICIES}
         changes["policies"] = tuple(p for p in changes.get("policies", s.policies) if kinds.get(p) != "peer")
+    # kv-pressure has its own fleet size and policies; the shared flags apply to it too when given.
+    kv_changes = {k: changes[k] for k in ("servers", "time_scale", "duration") if k in changes}
+    if getattr(args, "runs", None) is not None:
+        kv_changes["runs"] = args.runs
+    if args.no_peers:
+        from epp.bench.kvpressure import KV_POLICIES
+
+        kv_changes["policies"] = tuple(p for p in s.kv_pressure.policies if KV_POLICIES[p].kind != "peer")
+    if kv_changes:
+        changes["kv_pressure"] = replace(s.kv_pressure, **kv_changes)
     s = replace(s, **changes)
     s.validate()
     return s

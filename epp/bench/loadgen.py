@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -109,25 +109,30 @@ async def _one(session: aiohttp.ClientSession, url: str, req: BenchRequest, res:
 
 
 async def run_workload(
-    base_url: str,
+    base_url: str | Sequence[str],
     workload: Workload,
     *,
     time_scale: float = 1.0,
     request_timeout: float = 300.0,
     progress: Callable[[int, int], None] | None = None,
+    direct_urls: Sequence[str] = (),
+    events: Sequence[tuple[float, Callable[[], Awaitable[None]]]] = (),
 ) -> list[RequestResult]:
     """Send every request of ``workload`` to ``base_url`` at ``at * time_scale`` wall seconds.
 
-    Returns one result per request, in workload order. ``progress(done, total)`` is called as
-    requests finish.
+    Several base URLs (router replicas) take turns; a request with ``direct >= 0`` goes to
+    ``direct_urls[direct]`` instead. ``events`` are ``(model seconds, coroutine function)`` run
+    in the background at that time (e.g. restarting a server). Returns one result per request,
+    in workload order. ``progress(done, total)`` is called as requests finish.
     """
-    base = base_url.rstrip("/")
+    bases = [u.rstrip("/") for u in ([base_url] if isinstance(base_url, str) else base_url)]
+    directs = [u.rstrip("/") for u in direct_urls]
     reqs = workload.requests
     results = [RequestResult(index=r.index, group=r.group, prompt_tokens=r.prompt_tokens,
                              scheduled=r.at * time_scale) for r in reqs]
     done = 0
 
-    async def tracked(req: BenchRequest, res: RequestResult) -> None:
+    async def tracked(req: BenchRequest, res: RequestResult, base: str) -> None:
         nonlocal done
         await _one(session, base + req.path, req, res, request_timeout)
         done += 1
@@ -139,13 +144,25 @@ async def run_workload(
     async with aiohttp.ClientSession(connector=connector) as session:
         tasks: list[asyncio.Task[None]] = []
         start = time.perf_counter()
+
+        async def at(when: float, action: Callable[[], Awaitable[None]]) -> None:
+            await asyncio.sleep(max(0.0, start + when * time_scale - time.perf_counter()))
+            await action()
+
         try:
+            tasks.extend(asyncio.create_task(at(when, action)) for when, action in events)
+            routed = 0
             for req, res in zip(reqs, results):
                 delay = start + res.scheduled - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 res.lag = max(0.0, time.perf_counter() - start - res.scheduled)
-                tasks.append(asyncio.create_task(tracked(req, res)))
+                if req.direct >= 0:
+                    base = directs[req.direct]
+                else:
+                    base = bases[routed % len(bases)]
+                    routed += 1
+                tasks.append(asyncio.create_task(tracked(req, res, base)))
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:

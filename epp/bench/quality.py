@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from epp.bench import kvpressure
 from epp.bench import peers as peers_mod
 from epp.bench import report, stacks, workloads
 from epp.bench.capacity import saturation_capacity, simulate_round_robin
@@ -64,6 +65,8 @@ POLICIES: tuple[Policy, ...] = (
 )
 POLICY_NAMES = tuple(p.name for p in POLICIES)
 WORKLOAD_NAMES = tuple(workloads.WORKLOADS)
+# Workloads with a harness of their own (fleet, policies, repeats): name -> runner module.
+SPECIAL_WORKLOADS = {"kv-pressure": kvpressure}
 # Offered load as a fraction of the fleet's load-blind saturation capacity (see capacity.py).
 # LoRA is lower: its saturation capacity counts on the sim batching requests of the same adapter
 # out of a long queue, which a moderately loaded server cannot do. The virtual round-robin
@@ -91,6 +94,7 @@ class QualitySettings:
     envoy_template: str = "envoy.yaml"
     request_timeout: float = 300.0  # wall seconds
     install_peers: bool = True
+    kv_pressure: kvpressure.KVPressureSettings = field(default_factory=kvpressure.KVPressureSettings)
 
     def validate(self) -> None:
         unknown = [p for p in self.policies if p not in POLICY_NAMES]
@@ -107,7 +111,9 @@ def smoke_settings() -> QualitySettings:
     """Seconds, not minutes: 2 servers, a few requests per workload, the two baseline-vs-EPP policies."""
     return QualitySettings(servers=2, time_scale=0.1, duration=3.0,
                            policies=("envoy-round-robin", "epp-seed"), install_peers=False,
-                           request_timeout=30.0)
+                           request_timeout=30.0, kv_pressure=kvpressure.smoke_kv_settings(),
+                           # kv-pressure has its own smoke (`--workloads kv-pressure --smoke`)
+                           workloads=tuple(w for w in WORKLOAD_NAMES if w not in SPECIAL_WORKLOADS))
 
 
 # -- planning --------------------------------------------------------------------------------
@@ -356,7 +362,10 @@ def run_quality_bench(out_dir: str | Path, smoke: bool = False, *,
     policies = [p for p in POLICIES if p.name in s.policies]
     skipped: dict[str, str] = {}
     installs: dict[str, peers_mod.PeerInstall] = {}
-    wanted_peers = sorted({p.peer for p in policies if p.kind == "peer"})
+    wanted_peers = sorted({p.peer for p in policies if p.kind == "peer"}
+                          | ({kvpressure.KV_POLICIES[n].peer for n in s.kv_pressure.policies
+                              if n in kvpressure.KV_POLICIES and kvpressure.KV_POLICIES[n].kind == "peer"}
+                             if "kv-pressure" in s.workloads else set()))
     if wanted_peers:
         if s.install_peers:
             _say(f"installing peer routers {wanted_peers} into {out.parent / '.peers-venv'} (once)")
@@ -377,6 +386,9 @@ def run_quality_bench(out_dir: str | Path, smoke: bool = False, *,
     }
     started = time.perf_counter()
     for name in s.workloads:
+        if name in SPECIAL_WORKLOADS:
+            result["workloads"][name] = SPECIAL_WORKLOADS[name].run_kv_pressure(out, s.kv_pressure, installs, say=_say)
+            continue
         planned = plan_workload(name, s)
         wl = planned.workload
         entry: dict[str, Any] = {
@@ -430,7 +442,7 @@ def evaluate_targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for wl_name, factor in (("shared-prefix", 3.0), ("mixed-lengths", 1.5)):
         entry = result["workloads"].get(wl_name)
-        if not entry:
+        if not entry or "runs" not in entry:
             continue
         runs = entry["runs"]
         rr = _p90(runs, "envoy-round-robin")
@@ -463,7 +475,8 @@ def _verdict(v: bool | None) -> str:
 
 def write_quality_report(result: Mapping[str, Any], out: Path) -> Path:
     s = result["settings"]
-    names = list(result["workloads"])
+    special = [n for n in result["workloads"] if "runs" not in result["workloads"][n]]
+    names = [n for n in result["workloads"] if n not in special]
     all_policies = [p for p in POLICY_NAMES if any(p in result["workloads"][w]["runs"] for w in names)]
     lines = [
         "## Routing quality (`epp bench quality`)",
@@ -538,7 +551,10 @@ def write_quality_report(result: Mapping[str, Any], out: Path) -> Path:
                          f"{_verdict(t['speedup_met'])}", peer])
         lines += ["### Targets", "", report.markdown_table(
             ["workload", "policy", "TTFT p90 (s)", "round-robin TTFT p90 (s)", "vs round-robin", "vs best peer"], rows), ""]
-    lines += ["![TTFT percentiles](quality_ttft_bars.png)", "", "![Prefix-cache hit rate](quality_prefix_hits.png)", ""]
+    for wl_name in special:
+        lines += SPECIAL_WORKLOADS[wl_name].report_lines(result["workloads"][wl_name])
+    if names:
+        lines += ["![TTFT percentiles](quality_ttft_bars.png)", "", "![Prefix-cache hit rate](quality_prefix_hits.png)", ""]
     lines += _cpu_section(result, names, all_policies)
     lines += [
         "Notes on fairness: the peers are their own data-plane proxies; the EPP policies add Envoy plus an "
@@ -550,7 +566,8 @@ def write_quality_report(result: Mapping[str, Any], out: Path) -> Path:
     ]
     md = out / "summary.md"
     md.write_text("\n".join(lines))
-    _plots(result, out, names, all_policies)
+    if names:
+        _plots(result, out, names, all_policies)
     return md
 
 

@@ -57,6 +57,7 @@ class BenchRequest:
     prompt: str = ""
     messages: tuple[Mapping[str, str], ...] = ()
     group: str = ""  # tenant or adapter: what the request shares with others
+    direct: int = -1  # >= 0: sent straight to that server (kv-pressure), not through the router
 
     @property
     def path(self) -> str:
@@ -290,7 +291,72 @@ def lora(
     )
 
 
-WORKLOADS = {"shared-prefix": shared_prefix, "mixed-lengths": mixed_lengths, "lora": lora}
+def kv_pressure(
+    *,
+    seed: int = 4,
+    rate: float = 6.0,
+    duration: float = 60.0,
+    servers: int = 4,
+    tenants: int = 16,
+    system_tokens: tuple[int, int] = (5000, 7000),
+    user_tokens: tuple[int, int] = (200, 600),
+    output_median: float = 48.0,
+    output_sigma: float = 0.6,
+    output_max: int = 192,
+    zipf_s: float = 0.3,
+    direct_fraction: float = 1 / 3,
+    restart_at: float = 0.5,
+    model: str = DEFAULT_MODEL,
+) -> Workload:
+    """What real fleets have and an EPP-only index cannot see (issue 16).
+
+    Tenants' long system prompts fill most of the fleet's KV cache (with the defaults ~96k
+    tokens of prefixes on a 4-server fleet of 4 x 2048 x 16 = 131k tokens of KV); about a third
+    of the requests (``direct_fraction``) go straight to a server chosen at random (batch jobs,
+    another gateway), caching and evicting blocks behind the router's back; and one server
+    restarts at ``restart_at`` of the run (its cache empties; the harness does the restart).
+    """
+    rng = random.Random(seed)
+    system_prompts = [
+        text_of_tokens(rng, rng.randint(*system_tokens), lead=f"[tenant {t}] You are the assistant of tenant {t}. ")
+        for t in range(tenants)
+    ]
+    weights = zipf_weights(tenants, zipf_s)
+    requests = []
+    for i, at in enumerate(poisson_arrivals(rng, rate, duration)):
+        tenant = rng.choices(range(tenants), weights=weights)[0]
+        question = text_of_tokens(rng, rng.randint(*user_tokens), lead=f"q{i}: ")
+        system = system_prompts[tenant]
+        direct = rng.randrange(servers) if rng.random() < direct_fraction else -1
+        requests.append(BenchRequest(
+            index=i,
+            at=at,
+            api="chat",
+            model=model,
+            max_tokens=lognormal_int(rng, output_median, output_sigma, 1, output_max),
+            prompt_tokens=(len(system) + len(question)) // BYTES_PER_TOKEN,
+            messages=({"role": "system", "content": system}, {"role": "user", "content": question}),
+            group=f"tenant-{tenant}",
+            direct=direct,
+        ))
+    working_set = sum(len(p) for p in system_prompts) // BYTES_PER_TOKEN
+    return Workload(
+        name="kv-pressure",
+        description=(f"{tenants} tenants with {system_tokens[0]}-{system_tokens[1]}-token system prompts "
+                     f"(prefix working set {working_set} tokens), {direct_fraction:.0%} of requests straight to a "
+                     f"random server, one server restarted at {restart_at:.0%} of the run, {rate:.1f} req/s"),
+        requests=tuple(requests),
+        duration=duration,
+        rate=rate,
+        model=model,
+        params={"seed": seed, "servers": servers, "tenants": tenants, "system_tokens": list(system_tokens),
+                "user_tokens": list(user_tokens), "output_median": output_median, "output_sigma": output_sigma,
+                "output_max": output_max, "zipf_s": zipf_s, "direct_fraction": direct_fraction,
+                "restart_at": restart_at, "prefix_working_set_tokens": working_set},
+    )
+
+
+WORKLOADS = {"shared-prefix": shared_prefix, "mixed-lengths": mixed_lengths, "lora": lora, "kv-pressure": kv_pressure}
 
 
 def build(name: str, **kwargs: Any) -> Workload:

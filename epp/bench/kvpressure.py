@@ -48,7 +48,6 @@ from epp.bench.procs import ManagedProcess, ProcessGroup, free_port
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 PRECISE_CONFIG = CONFIG_DIR / "precise-prefix.yaml"
 VLLM_EVENT_PORT = 5557
-IDLE_WINDOW_S = 3.0
 MODEL = workloads.DEFAULT_MODEL
 
 
@@ -88,6 +87,7 @@ class KVPressureSettings:
     envoy_template: str = "envoy.yaml"
     request_timeout: float = 300.0
     restart_server: int = 0
+    idle_window: float = 4.0  # seconds of EPP background CPU measured before and after the load
     workload: Mapping[str, Any] = field(default_factory=dict)  # overrides of workloads.kv_pressure()
 
     def build(self) -> workloads.Workload:
@@ -99,7 +99,7 @@ class KVPressureSettings:
 def smoke_kv_settings() -> KVPressureSettings:
     """Seconds: 2 servers, short prompts, one run per cell, the EPP policies only."""
     return KVPressureSettings(servers=2, time_scale=0.1, duration=4.0, runs=1, rate_per_server=2.0,
-                              policies=("approximate", "precise"), request_timeout=30.0,
+                              policies=("approximate", "precise"), request_timeout=30.0, idle_window=0.2,
                               workload={"tenants": 4, "system_tokens": (300, 500), "user_tokens": (20, 60),
                                         "output_median": 8.0, "output_max": 16})
 
@@ -142,13 +142,17 @@ class PodFleet:
         for p in self.procs:
             self.group.wait_for_log(p, stacks.SIM_READY, timeout=60)
 
-    def restart(self, i: int) -> None:
-        """Stop server i and start it again on the same address (blocking; run it in a thread)."""
+    async def restart(self, i: int) -> None:
+        """Stop server i and start it again on the same address, without blocking the load.
+
+        The new process is started from this (the main) thread: children get PR_SET_PDEATHSIG,
+        which fires when the *thread* that forked them ends, so a worker thread must not start it.
+        """
         t0 = time.perf_counter()
-        self.group.stop(self.procs[i])
+        await asyncio.to_thread(self.group.stop, self.procs[i])
         proc = self.group.start(f"sim-{i}-restarted", self.argv(i))
-        self.group.wait_for_log(proc, stacks.SIM_READY, timeout=60)
         self.procs[i] = proc
+        await self.group.await_until(proc, lambda: "sim ready" in proc.log_text(), timeout=60, what="ready again")
         self.downtime_s.append(time.perf_counter() - t0)
 
 
@@ -240,15 +244,13 @@ def run_cell(policy: KVPolicy, replicas: int, wl: workloads.Workload, settings: 
         fleet.start()
         routers = start_routers(group, policy, replicas, fleet, settings, installs)
         epp_procs = [e.process for e in routers.epp]
-        # The EPPs' background CPU (scrapes, subscriptions) before any request, to subtract.
-        idle0, t_idle = [p.cpu_seconds() for p in epp_procs], time.perf_counter()
-        time.sleep(IDLE_WINDOW_S if epp_procs else 0.0)
-        idle_rate = sum(p.cpu_seconds() - c for p, c in zip(epp_procs, idle0)) / (time.perf_counter() - t_idle)
+        # The EPPs' background CPU (scrapes, subscriptions), before and after the load, to subtract.
+        idle_before = _idle_rate(epp_procs, settings.idle_window)
         cpu0 = [p.cpu_seconds() for p in epp_procs]
         restart_at = float(wl.params.get("restart_at", 0.5)) * wl.duration
 
         async def restart() -> None:
-            await asyncio.to_thread(fleet.restart, settings.restart_server)
+            await fleet.restart(settings.restart_server)
 
         t0 = time.perf_counter()
         results = asyncio.run(run_workload(routers.urls, wl, time_scale=settings.time_scale,
@@ -256,12 +258,15 @@ def run_cell(policy: KVPolicy, replicas: int, wl: workloads.Workload, settings: 
                                            events=[(restart_at, restart)] if restart_at > 0 else []))
         wall = time.perf_counter() - t0
         epp_cpu = sum(p.cpu_seconds() - c for p, c in zip(epp_procs, cpu0))
+        idle_rate = (idle_before + _idle_rate(epp_procs, settings.idle_window)) / 2
         epp_busy = max(0.0, epp_cpu - idle_rate * wall)
         per_server = {}
+        scrape_errors = {}
         for u in fleet.urls:
             try:
                 per_server[u] = scrape_sim_counters(u)
-            except OSError:
+            except OSError as e:
+                scrape_errors[u] = str(e)
                 per_server[u] = dict.fromkeys(("prefix_queries", "prefix_hits", "preemptions", "requests",
                                                "lora_loads"), 0.0)
         if routers.epp:
@@ -279,6 +284,7 @@ def run_cell(policy: KVPolicy, replicas: int, wl: workloads.Workload, settings: 
     summary["hit_rate"] = summary["client_cached_fraction"]  # routed requests, client side
     summary["server_hit_rate"] = summary["prefix_hit_rate"]  # every request, server counters (restart resets one)
     summary["restart_downtime_s"] = round(fleet.downtime_s[0], 2) if fleet.downtime_s else None
+    summary["scrape_errors"] = scrape_errors
     summary["epp_cpu_s"] = round(epp_cpu, 3) if routers.epp else None
     summary["epp_idle_cores"] = round(idle_rate, 4) if routers.epp else None
     # Per routed request, above the idle rate: the request path plus the KV events it causes.
@@ -286,6 +292,15 @@ def run_cell(policy: KVPolicy, replicas: int, wl: workloads.Workload, settings: 
     summary["load_average_1m"] = round(os.getloadavg()[0], 2)
     report.write_json(log_dir / "results.json", [r.as_dict() for r in results])
     return summary
+
+
+def _idle_rate(procs: Sequence[ManagedProcess], window: float) -> float:
+    """CPU cores the processes use with no requests (their scrapes and subscriptions)."""
+    if not procs:
+        return 0.0
+    c0, t0 = [p.cpu_seconds() for p in procs], time.perf_counter()
+    time.sleep(window)
+    return sum(p.cpu_seconds() - c for p, c in zip(procs, c0)) / (time.perf_counter() - t0)
 
 
 def _save_debug(epps: Sequence[stacks.EppHandle], log_dir: Path) -> None:

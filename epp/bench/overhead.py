@@ -34,7 +34,7 @@ from epp.bench.backend import serve_backend, start_backend
 from epp.bench.idlecost import markdown as idle_markdown
 from epp.bench.idlecost import measure_idle_penalty
 from epp.bench.pacedload import run_paced
-from epp.bench.procs import ProcessGroup
+from epp.bench.procs import ProcessGroup, free_port
 
 BODY = json.dumps({"model": "bench-model", "prompt": "The quick brown fox jumps over the lazy dog. " * 4,
                    "max_tokens": 16}).encode()
@@ -68,11 +68,39 @@ def _backend_main(port: int) -> None:
                          "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41}}).encode()
     page = vllm_page()
 
+    from epp.sim.tokenizer import tokenize
+
     async def post(request: web.Request) -> web.Response:
-        await request.read()
+        body = await request.read()
+        if request.path.endswith("/completions/render"):  # vLLM's render endpoint, for precise routing
+            ids = tokenize(json.loads(body).get("prompt", ""))
+            return web.json_response([{"token_ids": ids}])
         return web.Response(body=answer, content_type="application/json")
 
     serve_backend("overhead", port, post, page)
+
+
+# Precise prefix routing on the same request path: upstream's weights, with token IDs from the
+# backend's render endpoint on every request (no token cache: the benchmark repeats one prompt).
+# Nothing publishes KV events here, so the index lookup finds nothing; its cost at realistic sizes
+# is measured in epp/kvcache/README.md and in the kv-pressure runs.
+PRECISE_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-producer
+  parameters:
+    kvEventsConfig: {{podDiscoveryConfig: {{socketPort: {port}}}}}
+- type: token-producer
+  parameters: {{cacheSize: 0}}
+- type: prefix-cache-scorer
+  parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-producer}}
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{{pluginRef: prefix-cache-scorer, weight: 3}}, {{pluginRef: queue-scorer, weight: 2}}, {{pluginRef: kv-cache-utilization-scorer, weight: 2}}]
+"""
 
 
 # --- load generation ----------------------------------------------------------------------------
@@ -184,6 +212,13 @@ def run_overhead_bench(out_dir: Path, *, smoke: bool = False, cores: tuple[str, 
                                                  name=f"envoy-{name}-{core}")
                       for name, template in CONFIGS if name != "direct"}
             stacks.append((core, epp, envoys))
+        # The same duplex path with precise prefix routing (the default profile above is approximate).
+        config = out_dir / "logs" / "precise.yaml"
+        config.write_text(PRECISE_CONFIG.format(port=free_port()))
+        with _core_env(cores[0]):
+            epp = start_epp(group, [address], name="epp-precise", config_file=config)
+        stacks.append((f"{cores[0]}-precise", epp, {"duplex-precise": start_envoy_template(
+            group, "envoy.yaml", backends=[address], epp_port=epp.grpc_port, name="envoy-duplex-precise")}))
         # Warm up every path (connections, caches, the EPP's gRPC connection).
         for url in [direct.url] + [e.url for _, _, envoys in stacks for e in envoys.values()]:
             _load(url + "/v1/completions", 1.0, 4, None)
@@ -202,12 +237,13 @@ def run_overhead_bench(out_dir: Path, *, smoke: bool = False, cores: tuple[str, 
             ok, errors, rps, p50, p99, tool = _load(direct.url + "/v1/completions", seconds, conc, r, arrivals)
             results.append(RunResult("direct", mode, "-", ok, errors, seconds, round(rps, 1), round(p50, 3),
                                      round(p99, 3), tool=tool))
-            for core, epp, envoys in stacks:
+            for key, epp, envoys in stacks:
+                core = key.removesuffix("-precise")
                 for name, envoy in envoys.items():
                     c0, t0 = epp.process.cpu_seconds(), time.perf_counter()
                     ok, errors, rps, p50, p99, tool = _load(envoy.url + "/v1/completions", seconds, conc, r, arrivals)
                     elapsed = time.perf_counter() - t0
-                    cpu = epp.process.cpu_seconds() - c0 - idle[core] * elapsed
+                    cpu = epp.process.cpu_seconds() - c0 - idle[key] * elapsed
                     results.append(RunResult(name, mode, core, ok, errors, round(elapsed, 2), round(rps, 1),
                                              round(p50, 3), round(p99, 3),
                                              round(max(0.0, cpu) / ok * 1e6, 1) if ok else None, tool=tool))

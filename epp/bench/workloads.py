@@ -146,7 +146,30 @@ def zipf_weights(n: int, s: float) -> list[float]:
     return [1.0 / (k**s) for k in range(1, n + 1)]
 
 
-# -- the three workloads ----------------------------------------------------------------------
+def tenant_prompts(rng: random.Random, tenants: int, system_tokens: tuple[int, int]) -> list[str]:
+    """One long system prompt per tenant, each starting differently (no accidental sharing)."""
+    return [text_of_tokens(rng, rng.randint(*system_tokens), lead=f"[tenant {t}] You are the assistant of tenant {t}. ")
+            for t in range(tenants)]
+
+
+def tenant_turn(rng: random.Random, i: int, at: float, tenant: int, system: str, user_tokens: tuple[int, int],
+                output: tuple[float, float, int], model: str, *, direct: int = -1) -> BenchRequest:
+    """A chat request of ``tenant``: its system prompt and a unique question."""
+    question = text_of_tokens(rng, rng.randint(*user_tokens), lead=f"q{i}: ")
+    return BenchRequest(
+        index=i,
+        at=at,
+        api="chat",
+        model=model,
+        max_tokens=lognormal_int(rng, output[0], output[1], 1, output[2]),
+        prompt_tokens=(len(system) + len(question)) // BYTES_PER_TOKEN,
+        messages=({"role": "system", "content": system}, {"role": "user", "content": question}),
+        group=f"tenant-{tenant}",
+        direct=direct,
+    )
+
+
+# -- the workloads -------------------------------------------------------------------------------
 
 
 def shared_prefix(
@@ -169,27 +192,13 @@ def shared_prefix(
     (2048 blocks x 16 tokens) and ~27 % of an 8-server fleet's.
     """
     rng = random.Random(seed)
-    system_prompts = [
-        text_of_tokens(rng, rng.randint(*system_tokens), lead=f"[tenant {t}] You are the assistant of tenant {t}. ")
-        for t in range(tenants)
-    ]
+    system_prompts = tenant_prompts(rng, tenants, system_tokens)
     weights = zipf_weights(tenants, zipf_s)
     requests = []
     for i, at in enumerate(poisson_arrivals(rng, rate, duration)):
         tenant = rng.choices(range(tenants), weights=weights)[0]
-        n_user = rng.randint(*user_tokens)
-        question = text_of_tokens(rng, n_user, lead=f"q{i}: ")
-        system = system_prompts[tenant]
-        requests.append(BenchRequest(
-            index=i,
-            at=at,
-            api="chat",
-            model=model,
-            max_tokens=lognormal_int(rng, output_median, output_sigma, 1, output_max),
-            prompt_tokens=(len(system) + len(question)) // BYTES_PER_TOKEN,
-            messages=({"role": "system", "content": system}, {"role": "user", "content": question}),
-            group=f"tenant-{tenant}",
-        ))
+        requests.append(tenant_turn(rng, i, at, tenant, system_prompts[tenant], user_tokens,
+                                    (output_median, output_sigma, output_max), model))
     working_set = sum(len(p) for p in system_prompts) // BYTES_PER_TOKEN
     return Workload(
         name="shared-prefix",
@@ -317,28 +326,14 @@ def kv_pressure(
     restarts at ``restart_at`` of the run (its cache empties; the harness does the restart).
     """
     rng = random.Random(seed)
-    system_prompts = [
-        text_of_tokens(rng, rng.randint(*system_tokens), lead=f"[tenant {t}] You are the assistant of tenant {t}. ")
-        for t in range(tenants)
-    ]
+    system_prompts = tenant_prompts(rng, tenants, system_tokens)
     weights = zipf_weights(tenants, zipf_s)
     requests = []
     for i, at in enumerate(poisson_arrivals(rng, rate, duration)):
         tenant = rng.choices(range(tenants), weights=weights)[0]
-        question = text_of_tokens(rng, rng.randint(*user_tokens), lead=f"q{i}: ")
-        system = system_prompts[tenant]
         direct = rng.randrange(servers) if rng.random() < direct_fraction else -1
-        requests.append(BenchRequest(
-            index=i,
-            at=at,
-            api="chat",
-            model=model,
-            max_tokens=lognormal_int(rng, output_median, output_sigma, 1, output_max),
-            prompt_tokens=(len(system) + len(question)) // BYTES_PER_TOKEN,
-            messages=({"role": "system", "content": system}, {"role": "user", "content": question}),
-            group=f"tenant-{tenant}",
-            direct=direct,
-        ))
+        requests.append(tenant_turn(rng, i, at, tenant, system_prompts[tenant], user_tokens,
+                                    (output_median, output_sigma, output_max), model, direct=direct))
     working_set = sum(len(p) for p in system_prompts) // BYTES_PER_TOKEN
     return Workload(
         name="kv-pressure",

@@ -102,11 +102,24 @@ class Ingestor:
 
     # --- entry points ----------------------------------------------------------------------------
     def apply(self, endpoint: str, batch: Batch) -> None:
-        for ev in batch.events:
+        events = batch.events
+        i, n = 0, len(events)
+        while i < n:
+            ev = events[i]
+            i += 1
             if isinstance(ev, BlockStored):
                 self.stored(endpoint, ev)
             elif isinstance(ev, BlockRemoved):
-                self.removed(endpoint, ev)
+                # Engines send one BlockRemoved per evicted block: take a run of them at once.
+                hashes = None
+                while i < n and type(events[i]) is BlockRemoved and events[i].medium == ev.medium \
+                        and events[i].group_idx == ev.group_idx:
+                    if hashes is None:
+                        hashes = list(ev.block_hashes)
+                    hashes.extend(events[i].block_hashes)
+                    self.counters.removed += 1
+                    i += 1
+                self.removed(endpoint, ev if hashes is None else BlockRemoved(hashes, ev.medium, ev.group_idx))
             elif isinstance(ev, AllBlocksCleared):
                 self.counters.cleared += 1
                 self.clear(endpoint)
@@ -158,8 +171,20 @@ class Ingestor:
         per = bs * 4  # packed bytes per engine block
         step = hasher.block_size * 4
         new_keys: list[int] = []
-        if not tail and per % step == 0:
-            # Aligned (equal sizes or engine = k x index): hash the whole run at once.
+        if not tail and per == step and tid == 0:
+            # Equal block sizes, GPU: the common case, inlined (one dict write and one count per block).
+            all_keys = hasher.keys_of_bytes(data, chain)
+            keys_of, refs = src.keys, src.refs
+            for ek, rk in zip(ev.block_hashes, all_keys):
+                if ek in keys_of:
+                    self._record(src, ek, rk, None, b"", tid, new_keys)
+                    continue
+                keys_of[ek] = rk
+                r = rk << 5
+                refs[r] = refs.get(r, 0) + 1
+                new_keys.append(rk)
+        elif not tail and per % step == 0:
+            # Aligned (engine block = k x index block): hash the whole run at once.
             all_keys = hasher.keys_of_bytes(data, chain)
             k = per // step
             for i, ek in enumerate(ev.block_hashes):
@@ -248,11 +273,23 @@ class Ingestor:
         tid = self._tier(ev.medium)
         bit = 1 << tid
         gone: list[int] = []
+        keys_of, tiers, refs = src.keys, src.tiers, src.refs
+        plain = tid == 0 and not src.after and not src.tail  # GPU, equal block sizes: inlined
         for ek in ev.block_hashes:
-            keys = src.keys.get(ek)
+            keys = keys_of.get(ek)
             if keys is None:
                 continue  # never seen (joined late) or already gone: nothing to undo
-            mask = src.tiers.get(ek, 1)
+            if plain and type(keys) is int and ek not in tiers:
+                del keys_of[ek]
+                r = keys << 5
+                n = refs.get(r, 0) - 1
+                if n > 0:
+                    refs[r] = n
+                else:
+                    refs.pop(r, None)
+                    gone.append(keys)
+                continue
+            mask = tiers.get(ek, 1)
             if not mask & bit:
                 continue
             self._unref(src, _as_tuple(keys), tid, gone)

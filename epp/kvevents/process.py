@@ -41,26 +41,39 @@ class FeedProcessError(RuntimeError):
 
 
 class Recorder:
-    """An index sink that records writes for the serving process."""
+    """An index sink that records writes for the serving process.
+
+    Consecutive writes of the same kind to the same endpoint and tier are merged into one
+    (engines report evictions one block per event): far fewer objects to pickle and apply.
+    """
 
     def __init__(self) -> None:
-        self.ops: list[tuple[int, str, str, Sequence[int]]] = []
+        self.ops: list[tuple[int, str, str, list[int]]] = []
+
+    def _record(self, op: int, endpoint: str, keys: Sequence[int], tier: str) -> None:
+        ops = self.ops
+        if ops:
+            last = ops[-1]
+            if last[0] == op and last[1] == endpoint and last[2] == tier:
+                last[3].extend(keys)
+                return
+        ops.append((op, endpoint, tier, list(keys)))
 
     def add(self, endpoint: str, keys: Sequence[int], tier: str = GPU) -> None:
-        self.ops.append((ADD, endpoint, tier, keys))
+        self._record(ADD, endpoint, keys, tier)
 
     def remove(self, endpoint: str, keys: Sequence[int], tier: str = GPU) -> None:
-        self.ops.append((REMOVE, endpoint, tier, keys))
+        self._record(REMOVE, endpoint, keys, tier)
 
     def clear(self, endpoint: str) -> None:
         self.ops.append((CLEAR, endpoint, "", ()))
 
-    def take(self) -> list[tuple[int, str, str, Sequence[int]]]:
+    def take(self) -> list[tuple[int, str, str, list[int]]]:
         ops, self.ops = self.ops, []
         return ops
 
 
-def apply_ops(index: BlockIndex, ops: list[tuple[int, str, str, Sequence[int]]]) -> None:
+def apply_ops(index: BlockIndex, ops: list[tuple[int, str, str, list[int]]]) -> None:
     add, remove, clear = index.add, index.remove, index.clear
     for op, endpoint, tier, keys in ops:
         if op == ADD:

@@ -17,7 +17,7 @@ vLLM batches, see epp/kvevents/README.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -30,28 +30,32 @@ class WireError(ValueError):
     """A message that is not a vLLM KV-event batch (the text says why)."""
 
 
-@dataclass(slots=True)
-class BlockStored:
-    block_hashes: list[int]
-    parent: int | None
-    token_ids: list[Any]
-    block_size: int
+UInt64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints never exceed 2**64 - 1
+
+
+# The events are msgspec structs tagged like vLLM's: batches in vLLM's current shape (an array,
+# map-form events, uint64 hashes) decode straight into them in C (``_fast``); anything else
+# (positional events, digest-bytes hashes, unknown types, malformed fields) takes the
+# tolerant path, which builds the same structs.
+class BlockStored(msgspec.Struct, tag_field="type", tag="BlockStored"):
+    block_hashes: list[UInt64]
+    block_size: Annotated[int, msgspec.Meta(gt=0)]
+    token_ids: list[int] | None = None  # empty or nil: a tier update (offloading connectors)
+    parent: UInt64 | None = msgspec.field(default=None, name="parent_block_hash")
     lora_name: str | None = None
     medium: str | None = None
-    extra_keys: list[Any] | None = None
+    extra_keys: Any = None
     group_idx: int | None = None
-    spec_kind: str | None = None
+    spec_kind: str | None = msgspec.field(default=None, name="kv_cache_spec_kind")
 
 
-@dataclass(slots=True)
-class BlockRemoved:
-    block_hashes: list[int]
+class BlockRemoved(msgspec.Struct, tag_field="type", tag="BlockRemoved"):
+    block_hashes: list[UInt64]
     medium: str | None = None
     group_idx: int | None = None
 
 
-@dataclass(slots=True)
-class AllBlocksCleared:
+class AllBlocksCleared(msgspec.Struct, tag_field="type", tag="AllBlocksCleared"):
     pass
 
 
@@ -70,7 +74,16 @@ Event = BlockStored | BlockRemoved | AllBlocksCleared | Skipped
 class Batch:
     ts: float
     events: list[Event]
-    dp_rank: int = 0
+    dp_rank: int | None = 0
+
+
+class _FastBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+    dp_rank: int | None = 0
+
+
+_fast = msgspec.msgpack.Decoder(_FastBatch)
 
 
 def parse_seq(frame: bytes) -> int:
@@ -95,7 +108,7 @@ def fold_hash(h: Any) -> int:
 def _hashes(value: Any) -> list[int]:
     if not isinstance(value, (list, tuple)):
         raise ValueError("block_hashes is not a list")
-    return [fold_hash(h) for h in value]
+    return [h & _MASK64 if type(h) is int else fold_hash(h) for h in value]
 
 
 def _opt_str(value: Any) -> str | None:
@@ -136,6 +149,14 @@ def _tag(raw: Any) -> str:
 
 
 def decode_event(raw: Any) -> Event:
+    if type(raw) is dict and raw.get("type") == "BlockRemoved":
+        # The commonest event by far (engines report evictions one block at a time): fast path.
+        hashes, medium, group = raw.get("block_hashes"), raw.get("medium"), raw.get("group_idx")
+        if type(hashes) is list and (medium is None or type(medium) is str) and (group is None or type(group) is int):
+            try:
+                return BlockRemoved(_hashes(hashes), medium, group)
+            except ValueError as e:
+                return Skipped("malformed", f"BlockRemoved: {e}")
     tag = _tag(raw)
     try:
         if tag == "BlockStored":
@@ -150,16 +171,18 @@ def decode_event(raw: Any) -> Event:
             if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
                 raise ValueError(f"block_size {block_size!r}")
             extra = f.get("extra_keys")
+            if not all(type(t) is int for t in tokens):
+                raise ValueError("token_ids holds a non-integer")
             return BlockStored(
-                _hashes(f.get("block_hashes")),
-                None if parent is None else fold_hash(parent),
-                tokens,
-                block_size,
-                _opt_str(f.get("lora_name")),
-                _opt_str(f.get("medium")),
-                extra if isinstance(extra, (list, tuple)) else None,
-                _opt_int(f.get("group_idx")),
-                _opt_str(f.get("kv_cache_spec_kind")),
+                block_hashes=_hashes(f.get("block_hashes")),
+                block_size=block_size,
+                token_ids=list(tokens),
+                parent=None if parent is None else fold_hash(parent),
+                lora_name=_opt_str(f.get("lora_name")),
+                medium=_opt_str(f.get("medium")),
+                extra_keys=extra if isinstance(extra, (list, tuple)) else None,
+                group_idx=_opt_int(f.get("group_idx")),
+                spec_kind=_opt_str(f.get("kv_cache_spec_kind")),
             )
         if tag == "BlockRemoved":
             _, f = _fields(raw, _REMOVED_FIELDS)
@@ -173,6 +196,11 @@ def decode_event(raw: Any) -> Event:
 
 def decode_batch(payload: bytes) -> Batch:
     """A msgpack ``KVEventBatch``; raises ``WireError`` if the payload is not one."""
+    try:
+        fast = _fast.decode(payload)
+        return Batch(fast.ts, fast.events, fast.dp_rank)  # type: ignore[arg-type]
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass  # positional events, bytes hashes, unknown or malformed events: the tolerant path
     try:
         raw = _decoder.decode(payload)
     except (msgspec.DecodeError, ValueError) as e:

@@ -80,7 +80,7 @@ class KVPressureSettings:
     time_scale: float = 1.0
     duration: float = 60.0
     seed: int = 4
-    rate_per_server: float = 1.5  # routed + direct arrivals per model second per server
+    rate_per_server: float = 0.8  # routed + direct arrivals per model second per server
     runs: int = 3
     policies: tuple[str, ...] = tuple(KV_POLICIES)
     replicas: tuple[int, ...] = (1, 2)

@@ -36,7 +36,7 @@ def expected(engine: EngineModel, hasher: BlockHasher) -> set[int]:
 class Rig:
     """Subscriptions + index for some loopback endpoints sharing (event, replay) ports."""
 
-    def __init__(self, hosts: list[str], replay: bool = True, **cfg) -> None:
+    def __init__(self, hosts: list[str], replay: bool = True, **cfg) -> None:  # cfg: KVEventsConfig fields
         self.hosts = hosts
         self.port, self.replay_port = common_free_port(hosts), common_free_port(hosts)
         pd = PodDiscoveryConfig(socketPort=self.port, replaySocketPort=self.replay_port if replay else None)
@@ -221,3 +221,46 @@ async def test_central_mode_binds_and_attributes_by_topic(loopback):
         for _, sock in socks:
             sock.close(0)
         ctx.term()
+
+
+async def test_a_flooding_publisher_neither_starves_others_nor_grows_memory(loopback):
+    import threading
+
+    hosts = [loopback + "6", loopback + "7"]
+    rig = Rig(hosts, replay=False, hwm=1000)
+    rig.index = BlockIndex(capacity=500)  # a tight bound, to see it hold
+    rig.ingestor = Ingestor(rig.hasher, rig.index, max_blocks_per_source=500)
+    rig.subs = Subscriptions(rig.config, rig.ingestor)
+    flood, quiet = rig.publisher(hosts[0]), rig.publisher(hosts[1])
+    await rig.subs.start()
+    stop = threading.Event()
+    thread: threading.Thread | None = None
+    try:
+        for h in hosts:
+            rig.subs.track(rig.key(h), h)
+        await eventually(lambda: all(rig.status(h)["connected"] for h in hosts), what="connections")
+        rnd = random.Random(9)
+
+        def spray() -> None:  # as fast as ZMQ takes it: far more than we can apply
+            while not stop.is_set():
+                flood.publish([{"type": "BlockStored", "block_hashes": [rnd.getrandbits(64)], "parent_block_hash": None,
+                                "token_ids": [rnd.randrange(1000) for _ in range(16)], "block_size": 16,
+                                "lora_id": None, "medium": "GPU", "lora_name": None}])
+
+        thread = threading.Thread(target=spray, daemon=True)
+        thread.start()
+        await eventually(lambda: rig.status(hosts[0])["messages"] > 2000, what="the flood arriving")
+        engine = EngineModel(16, 64)
+        quiet.publish(engine.store(SYSTEM))
+        await published([quiet], lambda: set(rig.index.holdings(rig.key(hosts[1]))) == expected(engine, rig.hasher),
+                         what="the quiet publisher's blocks, during the flood")
+        await eventually(lambda: rig.status(hosts[0])["messages"] > 6000, what="more flood")
+        assert len(rig.index) <= 500 and rig.index.evictions > 0  # bounded, and the bound did the work
+        assert rig.ingestor.blocks(rig.key(hosts[0])) <= 500
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(5)
+        await rig.subs.stop()
+        flood.close()
+        quiet.close()

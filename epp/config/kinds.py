@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from epp.framework.datalayer import DataSource, Discovery, Extractor
+from epp.framework.flowcontrol import FairnessPolicy, OrderingPolicy, UsageLimitPolicy
 from epp.framework.requestcontrol import (
     Admitter,
     DataProducer,
@@ -31,6 +32,9 @@ KINDS: tuple[tuple[type, str], ...] = (
     (ResponseReceived, "response-received hook"),
     (ResponseStreaming, "response-streaming hook"),
     (ResponseComplete, "response-complete hook"),
+    (FairnessPolicy, "flow-control fairness policy"),
+    (OrderingPolicy, "flow-control ordering policy"),
+    (UsageLimitPolicy, "flow-control usage limit policy"),
 )
 
 SCHEDULING_KINDS = (Filter, Scorer, Picker)

@@ -12,6 +12,7 @@ Everything a plugin author needs is importable from here::
 
 from epp.framework.datalayer import DataSource, Discovery, Extractor, type_label
 from epp.framework.durations import format_duration, parse_duration
+from epp.framework.flowcontrol import FairnessPolicy, FlowKey, OrderingPolicy, QueueItem, UsageLimitPolicy
 from epp.framework.params import Duration, NoParams, ParameterError, decode_params
 from epp.framework.plugin import Handle, Plugin, RuntimeSettings
 from epp.framework.registry import ENTRY_POINT_GROUP, Registry, register, registry
@@ -45,7 +46,8 @@ from epp.framework.types import Candidate, InferenceRequest, InferenceResponse, 
 
 __all__ = [
     "ENTRY_POINT_GROUP", "AdmissionDenied", "Admitter", "AsyncDataProducer", "Candidate", "CycleState", "DataProducer",
-    "DataSource", "Discovery", "Duration", "Extractor", "Filter", "Handle", "InferenceRequest",
+    "DataSource", "Discovery", "Duration", "Extractor", "FairnessPolicy", "Filter", "FlowKey", "Handle",
+    "InferenceRequest", "OrderingPolicy", "QueueItem", "UsageLimitPolicy",
     "InferenceResponse", "NoParams", "ParameterError", "ParseError", "Parser", "Picker", "Plugin",
     "PreRequest", "ProfileHandler", "ProfileResult", "Registry", "ResponseComplete", "ResponseReceived",
     "ResponseStreaming", "RuntimeSettings", "SaturationDetector", "SchedulingResult", "ScoreBreakdown",

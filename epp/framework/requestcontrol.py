@@ -83,6 +83,16 @@ class SaturationDetector(Plugin, ABC):
     def saturation(self, candidates: Sequence[Candidate]) -> float:
         """0 = idle, >= 1.0 = saturated."""
 
+    def saturation_with_pending(self, candidates: Sequence[Candidate], pending: Mapping[str, int]) -> float:
+        """Saturation counting ``pending[key]`` more requests on endpoint ``key``.
+
+        Flow control passes the requests this EPP sent to each endpoint after its metrics were
+        last scraped, which scraped gauges cannot show yet. A detector reading scraped metrics
+        should count them (as queued work); one that counts the EPP's in-flight requests itself
+        already sees them: the default ignores ``pending``.
+        """
+        return self.saturation(candidates)
+
 
 @dataclass(frozen=True, slots=True)
 class AdmissionDenied:

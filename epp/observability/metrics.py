@@ -78,3 +78,19 @@ ENDPOINT_DATA_AGE = _g("epp_endpoint_metrics_age_seconds", "Seconds since the en
 STALE_METRIC_SCORES = _c("epp_scorer_stale_or_missing_metric_total", "Scores given the worst-case default because the metric was missing or stale.", ("plugin_name", "metric", "reason"))
 CONFIG_RELOADS = _c("epp_config_reloads_total", "Configuration reloads by outcome.", ("outcome",))
 EXTPROC_STREAMS = _c("epp_extproc_streams_total", "ext_proc streams by outcome.", ("outcome",))
+
+# --- flow control (upstream llm_d_epp_flow_control_*, docs/metrics.md) ------------------------
+_FC = "llm_d_epp_flow_control_"
+_FC_FLOW = ("fairness_id", "priority", "inference_pool", *_M)
+_QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+FC_QUEUE_DURATION = _h(_FC + "request_queue_duration_seconds", "Time requests spend in the flow control layer, by outcome.", ("fairness_id", "priority", "outcome", "inference_pool", *_M), _QUEUE_BUCKETS)
+FC_ENQUEUE_DURATION = _h(_FC + "request_enqueue_duration_seconds", "Time to decide whether a request is queued, dispatched at once or rejected.", ("fairness_id", "priority", "outcome"), _SCHED_BUCKETS)
+FC_DISPATCH_CYCLE = _h(_FC + "dispatch_cycle_duration_seconds", "Duration of one flow control dispatch cycle.", (), _SCHED_BUCKETS)
+FC_QUEUE_SIZE = _g(_FC + "queue_size", "Requests currently queued in flow control.", _FC_FLOW)
+FC_QUEUE_BYTES = _g(_FC + "queue_bytes", "Bytes of the requests currently queued in flow control.", _FC_FLOW)
+FC_POOL_SATURATION = _g(_FC + "pool_saturation", "Pool saturation as the flow controller last measured it (unclamped).", ("inference_pool", "stage"))
+FC_CAPACITY_REQUESTS = _g(_FC + "capacity_utilization_requests", "Queued requests of a priority band / its maxRequests.", ("priority", "inference_pool"))
+FC_CAPACITY_BYTES = _g(_FC + "capacity_utilization_bytes", "Queued bytes of a priority band / its maxBytes.", ("priority", "inference_pool"))
+FC_GLOBAL_CAPACITY_REQUESTS = _g(_FC + "global_capacity_utilization_requests", "Queued requests / flowControl.maxRequests (only when set).", ("inference_pool",))
+FC_GLOBAL_CAPACITY_BYTES = _g(_FC + "global_capacity_utilization_bytes", "Queued bytes / flowControl.maxBytes (only when set).", ("inference_pool",))
+FC_REQUESTS_TOTAL = _c(_FC + "requests_total", "Requests that went through flow control, by outcome.", ("outcome", "priority", "inference_pool"))

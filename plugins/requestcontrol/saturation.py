@@ -9,13 +9,16 @@ every one is saturated (a filter must not be the reason a request fails).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 from epp.datalayer.endpoint import now
 from epp.framework import Duration, Filter, SaturationDetector, register
 from epp.framework.scheduling import CycleState
 from epp.framework.types import Candidate, InferenceRequest
 from plugins.requestcontrol.inflight import InflightHooks, InflightTracker
+
+
+_NONE_PENDING: Mapping[str, int] = {}
 
 
 @dataclass
@@ -47,6 +50,10 @@ class UtilizationDetector(SaturationDetector, Filter):
     Params = UtilizationParams
 
     def saturation(self, candidates: Sequence[Candidate]) -> float:
+        return self.saturation_with_pending(candidates, _NONE_PENDING)
+
+    def saturation_with_pending(self, candidates: Sequence[Candidate], pending: Mapping[str, int]) -> float:
+        """Requests sent since the last scrape (``pending``) count as queued on their endpoint."""
         if not candidates:
             return 1.0
         p: UtilizationParams = self.params
@@ -60,7 +67,10 @@ class UtilizationDetector(SaturationDetector, Filter):
             if t == 0.0 or t < oldest:
                 total += 1.0
                 continue
-            q = mt.waiting_queue_size / q_thr
+            waiting = mt.waiting_queue_size
+            if pending:
+                waiting += pending.get(c.key, 0)
+            q = waiting / q_thr
             kv = mt.kv_cache_usage / kv_thr
             total += q if q > kv else kv
         return total / len(candidates)

@@ -30,8 +30,8 @@ DEFAULT_PARSER = "openai-parser"
 DEFAULT_SATURATION_DETECTOR = "utilization-detector"
 DEFAULT_METRICS_SOURCE = "metrics-data-source"
 DEFAULT_METRICS_EXTRACTOR = "core-metrics-extractor"
-# Added only when their types are registered: flow control has no behaviour yet.
-OPTIONAL_FLOW_CONTROL_DEFAULTS = (DEFAULT_ORDERING_POLICY, DEFAULT_FAIRNESS_POLICY, DEFAULT_USAGE_LIMIT_POLICY)
+# Added when the flowControl gate is on and a band or the section does not name its own.
+FLOW_CONTROL_DEFAULTS = (DEFAULT_ORDERING_POLICY, DEFAULT_FAIRNESS_POLICY, DEFAULT_USAGE_LIMIT_POLICY)
 
 # Upstream's built-in configuration (§2.5), used when neither --config-file nor --config-text is given.
 DEFAULT_CONFIG_TEXT = """\
@@ -69,13 +69,11 @@ class Defaults:
         self.problems = problems
         self.next_index = next_index
 
-    def add(self, type_name: str, reason: str, *, optional: bool = False) -> Plugin | None:
+    def add(self, type_name: str, reason: str) -> Plugin | None:
         """Append a default plugin named after its type, unless a plugin has that name."""
         existing = self.plugins.by_name.get(type_name)
         if existing is not None or type_name in self.spec.broken_names:
             return existing
-        if optional and type_name not in self.plugins.registry:
-            return None
         entry = PluginEntry(index=self.next_index, name=type_name, type=type_name, added_because=reason)
         self.next_index += 1
         plugin = self.plugins.create(entry)
@@ -87,8 +85,7 @@ class Defaults:
 
     def apply(self) -> None:
         self._scheduling()
-        for policy in OPTIONAL_FLOW_CONTROL_DEFAULTS:
-            self.add(policy, "flow-control default", optional=True)
+        self._flow_control()
         self._parser()
         self._saturation_detector()
         self._data_layer()
@@ -117,6 +114,27 @@ class Defaults:
             has_picker = any(isinstance(self.plugins.by_name.get(r.ref), Picker) for r in profile.refs)
             if not has_picker:
                 profile.refs.append(ProfileRef(f"{profile.path}.plugins[{len(profile.refs)}]", pickers[0].name))
+
+    def _flow_control(self) -> None:
+        if "flowControl" not in self.spec.feature_gates:
+            return
+        fc = self.spec.flow_control
+        bands = [] if fc is None else [b for b in (*fc.bands, fc.default_band, fc.negative_band) if b is not None]
+        template_given = fc is not None and fc.default_band is not None
+        needed = {
+            DEFAULT_FAIRNESS_POLICY: not template_given or any(not b.fairness_ref for b in bands),
+            DEFAULT_ORDERING_POLICY: not template_given or any(not b.ordering_ref for b in bands),
+            DEFAULT_USAGE_LIMIT_POLICY: fc is None or not fc.usage_limit_ref,
+        }
+        for policy in FLOW_CONTROL_DEFAULTS:
+            if needed[policy]:
+                self.add(policy, "flow-control default")
+        # Beyond upstream: a reference to a policy *type* nobody declared gets an instance with
+        # default parameters (upstream requires a plugins entry for it).
+        refs = [b.fairness_ref for b in bands] + [b.ordering_ref for b in bands] + [fc.usage_limit_ref if fc else None]
+        for ref in refs:
+            if ref and ref not in self.plugins.by_name and ref in self.plugins.registry:
+                self.add(ref, "referenced by flowControl")
 
     def _parser(self) -> None:
         if self.spec.parser_ref is None:

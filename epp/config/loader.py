@@ -123,14 +123,15 @@ def _load(
     problems.raise_if_any()
 
     assert wiring.profile_handler is not None and wiring.parser is not None and wiring.saturation_detector is not None
-    flow_control = (
-        flow_control_settings(spec.flow_control)
+    # The section as the effective document shows it (also with the gate off: it is checked)
+    flow_doc = (
+        flow_control_settings(spec.flow_control, gate="flowControl" in spec.feature_gates)
         if spec.flow_control is not None or "flowControl" in spec.feature_gates
         else None
     )
     everything = list(plugins.by_name.values())
     return LoadedConfig(
-        document=effective_document(spec, wiring, flow_control),
+        document=effective_document(spec, wiring, flow_doc),
         plugins=dict(plugins.by_name),
         profiles=wiring.profiles,
         profile_handler=wiring.profile_handler,
@@ -144,7 +145,7 @@ def _load(
         response_streaming=[p for p in everything if isinstance(p, ResponseStreaming)],
         response_complete=[p for p in everything if isinstance(p, ResponseComplete)],
         feature_gates=list(spec.feature_gates),
-        flow_control=flow_control,
+        flow_control=wiring.flow_control,
         objectives={o.name: InferenceObjective(o.name, o.priority) for o in spec.objectives},
         model_rewrites={
             r.match: ModelRewrite(r.match, tuple(ModelRewriteTarget(m, w) for m, w in r.targets)) for r in spec.rewrites

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from epp.flowcontrol.settings import FlowControlSettings
 from epp.framework.datalayer import DataSource, Discovery, Extractor
 from epp.framework.plugin import Plugin
 from epp.framework.requestcontrol import (
@@ -77,7 +78,8 @@ class LoadedConfig:
     response_streaming: list[ResponseStreaming] = field(default_factory=list)
     response_complete: list[ResponseComplete] = field(default_factory=list)
     feature_gates: list[str] = field(default_factory=list)
-    flow_control: dict[str, Any] | None = None  # keys/defaults: epp.config.render.flow_control_settings
+    # The flowControl section resolved (policies, detector); None when the feature gate is off.
+    flow_control: FlowControlSettings | None = None
     objectives: dict[str, InferenceObjective] = field(default_factory=dict)
     model_rewrites: dict[str, ModelRewrite] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from epp.config.model import KIND
 from epp.config.schema import (
-    DEFAULT_BAND_MAX_BYTES,
     DEFAULT_FAIRNESS_POLICY,
     DEFAULT_ORDERING_POLICY,
     DEFAULT_USAGE_LIMIT_POLICY,
@@ -20,6 +19,7 @@ from epp.config.schema import (
     PriorityBand,
 )
 from epp.config.yamlio import dump_yaml
+from epp.flowcontrol.settings import DEFAULT_BAND_MAX_BYTES, DEFAULT_BAND_MAX_REQUESTS, DEFAULT_REQUEST_TTL
 from epp.framework.durations import format_duration
 from epp.framework.params import params_to_dict
 
@@ -28,30 +28,41 @@ if TYPE_CHECKING:
     from epp.config.wiring import Wiring
 
 
-def _band(b: PriorityBand | None, *, with_priority: bool) -> dict[str, Any]:
+def _band(b: PriorityBand | None, *, with_priority: bool, policies: bool) -> dict[str, Any]:
     b = b or PriorityBand("")
     out: dict[str, Any] = {"priority": b.priority} if with_priority else {}
-    out["maxBytes"] = DEFAULT_BAND_MAX_BYTES if b.max_bytes is None else b.max_bytes
-    out["maxRequests"] = b.max_requests or 0  # 0 = unlimited
-    out["fairnessPolicyRef"] = b.fairness_ref or DEFAULT_FAIRNESS_POLICY
-    out["orderingPolicyRef"] = b.ordering_ref or DEFAULT_ORDERING_POLICY
+    # 0 or unset = the default: per-band limits are always bounded (upstream)
+    out["maxBytes"] = b.max_bytes or DEFAULT_BAND_MAX_BYTES
+    out["maxRequests"] = b.max_requests or DEFAULT_BAND_MAX_REQUESTS
+    for key, ref, default in (("fairnessPolicyRef", b.fairness_ref, DEFAULT_FAIRNESS_POLICY),
+                              ("orderingPolicyRef", b.ordering_ref, DEFAULT_ORDERING_POLICY)):
+        if ref or policies:
+            out[key] = ref or default
     return out
 
 
-def flow_control_settings(fc: FlowControlSpec | None) -> dict[str, Any]:
+def flow_control_settings(fc: FlowControlSpec | None, *, gate: bool = True) -> dict[str, Any]:
     """The flowControl section with every default filled in.
 
-    ``maxBytes``/``maxRequests`` are ints or None (= unlimited), ``defaultRequestTTL`` is
-    seconds (0 = the client's deadline); bands keep upstream's camelCase keys.
+    ``maxBytes``/``maxRequests`` are ints or None (= unlimited); the TTLs are seconds (0 =
+    never expire); ``defaultNegativePriorityBand`` is None when negative priorities use the
+    default band; bands keep upstream's camelCase keys. With the gate off, the default
+    policies are not named (they were not created).
     """
     fc = fc or FlowControlSpec()
+    ttl = DEFAULT_REQUEST_TTL if fc.default_request_ttl is None else fc.default_request_ttl
+    usage = fc.usage_limit_ref or (DEFAULT_USAGE_LIMIT_POLICY if gate else None)
     return {
-        "maxBytes": fc.max_bytes,
-        "maxRequests": fc.max_requests,
-        "defaultRequestTTL": fc.default_request_ttl or 0.0,
-        "defaultPriorityBand": _band(fc.default_band, with_priority=False),
-        "priorityBands": [_band(b, with_priority=True) for b in fc.bands],
-        "usageLimitPolicyPluginRef": fc.usage_limit_ref or DEFAULT_USAGE_LIMIT_POLICY,
+        "maxBytes": fc.max_bytes or None,
+        "maxRequests": fc.max_requests or None,
+        "defaultRequestTTL": ttl,
+        "noEndpointRequestTTL": ttl if fc.no_endpoint_ttl is None else fc.no_endpoint_ttl,
+        "defaultPriorityBand": _band(fc.default_band, with_priority=False, policies=gate),
+        "defaultNegativePriorityBand": (_band(fc.negative_band, with_priority=False, policies=gate)
+                                        if fc.negative_band else None),
+        "priorityBands": [_band(b, with_priority=True, policies=gate) for b in fc.bands],
+        "usageLimitPolicyPluginRef": usage,
+        "enableEviction": fc.enable_eviction,
     }
 
 
@@ -89,10 +100,18 @@ def effective_document(spec: ConfigSpec, wiring: "Wiring", flow_control: dict[st
         for key in ("maxBytes", "maxRequests"):
             if flow_control[key] is not None:
                 fc[key] = flow_control[key]
-        fc["defaultRequestTTL"] = format_duration(flow_control["defaultRequestTTL"])
+        for key in ("defaultRequestTTL", "noEndpointRequestTTL"):
+            fc[key] = format_duration(flow_control[key])
         fc["defaultPriorityBand"] = dict(flow_control["defaultPriorityBand"])
+        if flow_control["defaultNegativePriorityBand"] is not None:
+            fc["defaultNegativePriorityBand"] = dict(flow_control["defaultNegativePriorityBand"])
         fc["priorityBands"] = [dict(b) for b in flow_control["priorityBands"]]
-        fc["usageLimitPolicyPluginRef"] = flow_control["usageLimitPolicyPluginRef"]
+        if flow_control["usageLimitPolicyPluginRef"]:
+            fc["usageLimitPolicyPluginRef"] = flow_control["usageLimitPolicyPluginRef"]
+        if "saturationDetector" in doc:
+            fc["saturationDetector"] = dict(doc["saturationDetector"])
+        if flow_control["enableEviction"]:
+            fc["enableEviction"] = True
         doc["flowControl"] = fc
     if spec.objectives:
         doc["inferenceObjectives"] = [{"name": o.name, "priority": o.priority} for o in spec.objectives]

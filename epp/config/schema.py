@@ -33,8 +33,7 @@ DEPRECATED_API_VERSION = API_VERSIONS[1]
 
 FEATURE_GATES = ("dataLayer", "enableLegacyMetrics", "flowControl")
 
-# Flow-control defaults (upstream §2.1).
-DEFAULT_BAND_MAX_BYTES = 1_000_000_000
+# Flow-control defaults (upstream §2.1; the numbers live with the controller).
 DEFAULT_FAIRNESS_POLICY = "global-strict-fairness-policy"
 DEFAULT_ORDERING_POLICY = "fcfs-ordering-policy"
 DEFAULT_USAGE_LIMIT_POLICY = "static-usage-limit-policy"
@@ -120,10 +119,14 @@ class PriorityBand:
 class FlowControlSpec:
     max_bytes: int | None = None
     max_requests: int | None = None
-    default_request_ttl: float | None = None
+    default_request_ttl: float | None = None  # None = 60s; 0 = never expire
+    no_endpoint_ttl: float | None = None  # None = defaultRequestTTL
     default_band: PriorityBand | None = None
+    negative_band: PriorityBand | None = None
     bands: list[PriorityBand] = field(default_factory=list)
     usage_limit_ref: str | None = None
+    saturation_ref: str | None = None
+    enable_eviction: bool = False
 
 
 @dataclass
@@ -152,6 +155,7 @@ class ConfigSpec:
     broken_names: set[str] = field(default_factory=set)
     profiles: list[Profile] = field(default_factory=list)
     saturation_ref: str | None = None
+    saturation_path: str = "saturationDetector.pluginRef"
     parser_ref: str | None = None
     data_layer: DataLayerSpec = field(default_factory=DataLayerSpec)
     flow_control: FlowControlSpec | None = None
@@ -326,6 +330,7 @@ def decode(doc: Any, problems: Problems) -> ConfigSpec:
     _decode_data_layer(r, top, spec, problems)
     if top.get("flowControl") is not None:
         spec.flow_control = _decode_flow_control(r, top["flowControl"], problems)
+        _flow_control_gate(spec, problems)
     _decode_objectives(r, top, spec, problems)
     _decode_rewrites(r, top, spec, problems)
     return spec
@@ -476,14 +481,24 @@ def _decode_flow_control(r: _Reader, value: Any, problems: Problems) -> FlowCont
     if m is None:
         return None
     r.fields(m, path, (
-        "maxBytes", "maxRequests", "defaultRequestTTL", "defaultPriorityBand", "priorityBands", "usageLimitPolicyPluginRef",
+        "maxBytes", "maxRequests", "defaultRequestTTL", "noEndpointRequestTTL", "defaultPriorityBand",
+        "defaultNegativePriorityBand", "priorityBands", "usageLimitPolicyPluginRef", "saturationDetector",
+        "enableEviction",
     ))
     fc = FlowControlSpec()
     fc.max_bytes = r.parsed(m, "maxBytes", path, parse_quantity)
     fc.max_requests = r.parsed(m, "maxRequests", path, parse_quantity)
     fc.default_request_ttl = r.parsed(m, "defaultRequestTTL", path, parse_duration)
-    if m.get("defaultPriorityBand") is not None:
-        fc.default_band = _decode_band(r, m["defaultPriorityBand"], join(path, "defaultPriorityBand"), need_priority=False)
+    fc.no_endpoint_ttl = r.parsed(m, "noEndpointRequestTTL", path, parse_duration)
+    for key, attr in (("defaultPriorityBand", "default_band"), ("defaultNegativePriorityBand", "negative_band")):
+        if m.get(key) is not None:
+            setattr(fc, attr, _decode_band(r, m[key], join(path, key), need_priority=False))
+    if m.get("saturationDetector") is not None:
+        fc.saturation_ref = r.ref(m["saturationDetector"], join(path, "saturationDetector"))
+    fc.enable_eviction = bool(r.boolean(m, "enableEviction", path))
+    if fc.enable_eviction:
+        problems.warn(join(path, "enableEviction"), "in-flight eviction is not implemented by this EPP; "
+                                                   "queued requests are still shed by TTL and capacity")
     seen: dict[int, str] = {}
     for i, item in enumerate(r.sequence(m.get("priorityBands"), join(path, "priorityBands")) or []):
         bpath = f"{path}.priorityBands[{i}]"
@@ -497,6 +512,24 @@ def _decode_flow_control(r: _Reader, value: Any, problems: Problems) -> FlowCont
         fc.bands.append(band)
     fc.usage_limit_ref = r.string(m, "usageLimitPolicyPluginRef", path)
     return fc
+
+
+def _flow_control_gate(spec: ConfigSpec, problems: Problems) -> None:
+    """flowControl.saturationDetector serves admission too (it supersedes the top-level field);
+    the rest of the section needs the gate."""
+    fc = spec.flow_control
+    if fc is None:
+        return
+    if fc.saturation_ref:
+        if spec.saturation_ref and spec.saturation_ref != fc.saturation_ref:
+            problems.error("flowControl.saturationDetector.pluginRef",
+                           f"'{fc.saturation_ref}' contradicts the top-level saturationDetector "
+                           f"'{spec.saturation_ref}' (deprecated); keep one")
+        spec.saturation_ref = fc.saturation_ref
+        spec.saturation_path = "flowControl.saturationDetector.pluginRef"
+    if "flowControl" not in spec.feature_gates:
+        problems.warn("flowControl", "the flowControl feature gate is off: this section is ignored "
+                                     "(except saturationDetector); add 'flowControl' to featureGates")
 
 
 def _decode_objectives(r: _Reader, top: dict, spec: ConfigSpec, problems: Problems) -> None:

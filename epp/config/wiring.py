@@ -11,8 +11,16 @@ from epp.config.errors import Problems
 from epp.config.instantiate import PluginSet
 from epp.config.kinds import SCHEDULING_KINDS, describe_kinds, kinds_of
 from epp.config.model import SourceWiring
-from epp.config.schema import ConfigSpec, PriorityBand
+from epp.config.schema import ConfigSpec, FlowControlSpec, PriorityBand
+from epp.flowcontrol.settings import (
+    DEFAULT_BAND_MAX_BYTES,
+    DEFAULT_BAND_MAX_REQUESTS,
+    DEFAULT_REQUEST_TTL,
+    BandSettings,
+    FlowControlSettings,
+)
 from epp.framework.datalayer import DataSource, Discovery, Extractor, type_label
+from epp.framework.flowcontrol import FairnessPolicy, OrderingPolicy, UsageLimitPolicy
 from epp.framework.plugin import Plugin
 from epp.framework.requestcontrol import DataProducer, Parser, SaturationDetector
 from epp.framework.scheduling import Filter, Picker, ProfileHandler, Scorer
@@ -32,6 +40,7 @@ class Wiring:
     sources: list[SourceWiring] = field(default_factory=list)
     discovery: Discovery | None = None
     producers: list[DataProducer] = field(default_factory=list)
+    flow_control: FlowControlSettings | None = None  # set when the flowControl gate is on
 
 
 class Validator:
@@ -46,7 +55,7 @@ class Validator:
         self._profile_handler()
         self.out.parser = self._single_ref(self.spec.parser_ref, "parser.pluginRef", Parser, "parser")
         self.out.saturation_detector = self._single_ref(
-            self.spec.saturation_ref, "saturationDetector.pluginRef", SaturationDetector, "saturation detector"
+            self.spec.saturation_ref, self.spec.saturation_path, SaturationDetector, "saturation detector"
         )
         self._data_layer()
         self._flow_control()
@@ -200,24 +209,58 @@ class Validator:
 
     def _flow_control(self) -> None:
         fc = self.spec.flow_control
-        if fc is None:
+        if "flowControl" not in self.spec.feature_gates:
+            if fc is not None:  # still checked, so that turning the gate on later cannot fail
+                self._resolve_flow_control(fc, build=False)
             return
-        bands: list[PriorityBand] = list(fc.bands) + ([fc.default_band] if fc.default_band else [])
-        for band in bands:
-            self._policy_ref(band.fairness_ref, f"{band.path}.fairnessPolicyRef", "fairness")
-            self._policy_ref(band.ordering_ref, f"{band.path}.orderingPolicyRef", "ordering")
-        self._policy_ref(fc.usage_limit_ref, "flowControl.usageLimitPolicyPluginRef", "usage limit")
+        self.out.flow_control = self._resolve_flow_control(fc or FlowControlSpec(), build=True)
 
-    def _policy_ref(self, ref: str | None, path: str, role: str) -> None:
-        if not ref:
-            return
-        if ref in _DEFAULT_POLICIES and ref not in self.plugins.by_name:
-            return  # the default policy is not implemented yet; flow control has no behaviour yet either
+    def _resolve_flow_control(self, fc: FlowControlSpec, *, build: bool) -> FlowControlSettings | None:
+        """Check every policy reference; with ``build``, also the defaults, and return the settings."""
+
+        def policy(ref: str | None, default: str, path: str, cls: type, role: str) -> Any:
+            if not ref and not build:
+                return None  # the gate is off: the defaults were not added, nothing to check
+            return self._policy(ref or default, path, cls, role)
+
+        usage = policy(fc.usage_limit_ref, DEFAULT_USAGE_LIMIT_POLICY, "flowControl.usageLimitPolicyPluginRef",
+                       UsageLimitPolicy, "usage limit")
+
+        def band(b: PriorityBand | None, path: str, priority: int | None) -> BandSettings | None:
+            b = b or PriorityBand(path)
+            fairness = policy(b.fairness_ref, DEFAULT_FAIRNESS_POLICY, f"{path}.fairnessPolicyRef",
+                              FairnessPolicy, "fairness")
+            ordering = policy(b.ordering_ref, DEFAULT_ORDERING_POLICY, f"{path}.orderingPolicyRef",
+                              OrderingPolicy, "ordering")
+            if fairness is None or ordering is None:
+                return None
+            return BandSettings(priority, fairness, ordering, b.max_bytes or DEFAULT_BAND_MAX_BYTES,
+                                b.max_requests or DEFAULT_BAND_MAX_REQUESTS)
+
+        template = band(fc.default_band, "flowControl.defaultPriorityBand", None)
+        negative = band(fc.negative_band, "flowControl.defaultNegativePriorityBand", None) if fc.negative_band else None
+        bands = [band(b, b.path, b.priority) for b in fc.bands]
+        detector = self.out.saturation_detector
+        if not build or usage is None or template is None or detector is None or None in bands:
+            return None
+        ttl = DEFAULT_REQUEST_TTL if fc.default_request_ttl is None else fc.default_request_ttl
+        return FlowControlSettings(
+            detector=detector, usage_limit=usage, default_band=template, negative_band=negative,
+            bands=tuple(b for b in bands if b is not None), max_bytes=fc.max_bytes or 0,
+            max_requests=fc.max_requests or 0, default_ttl=ttl,
+            no_endpoint_ttl=ttl if fc.no_endpoint_ttl is None else fc.no_endpoint_ttl,
+            enable_eviction=fc.enable_eviction,
+        )
+
+    def _policy(self, ref: str, path: str, cls: type, role: str) -> Any:
         plugin = self._resolve(ref, path)
-        if plugin is not None and kinds_of(plugin):
-            # Flow-control policies have no interface of their own yet; anything that is a
-            # known other kind of plugin is certainly not one.
-            self.problems.error(path, f"{self._label(plugin)} is not a flow-control {role} policy (it {describe_kinds(plugin)})")
+        if plugin is None:
+            return None
+        if not isinstance(plugin, cls):
+            self.problems.error(path, f"{self._label(plugin)} is not a flow-control {role} policy "
+                                      f"(it {describe_kinds(plugin)})")
+            return None
+        return plugin
 
     # -- producers
 
@@ -258,7 +301,6 @@ class Validator:
                 self.problems.warn(entry.path, f"{entry.label()} is not wired in {self.spec.data_layer.key}.sources and will not run")
 
 
-_DEFAULT_POLICIES = (DEFAULT_FAIRNESS_POLICY, DEFAULT_ORDERING_POLICY, DEFAULT_USAGE_LIMIT_POLICY)
 
 
 def _compatible(output_type: Any, input_type: Any) -> bool:

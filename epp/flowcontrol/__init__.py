@@ -1,15 +1,10 @@
 """Flow control: queue requests while the pool is saturated, release them by priority band,
 fairness between tenants and per-tenant ordering (upstream's ``flowControl`` feature gate).
 
-See README.md in this folder for the design; the policies are plugins in
-``plugins/flowcontrol/`` behind the interfaces of ``epp.framework.flowcontrol``.
+Modules: ``controller`` (the FlowController), ``registry`` (bands and flows), ``queue`` (items
+and heap queues), ``saturation`` (the pool's saturation and the in-flight ledger),
+``outcomes`` (endings and their HTTP answers), ``settings`` (the resolved config),
+``telemetry`` (metrics). Nothing is imported here, so the config layer can import
+``settings`` without pulling in the request path. See README.md for the design; the policies
+are plugins in ``plugins/flowcontrol/`` behind the interfaces of ``epp.framework.flowcontrol``.
 """
-
-from epp.flowcontrol.controller import FlowController
-from epp.flowcontrol.outcomes import DROPPED_REASON_HEADER, Outcome
-from epp.flowcontrol.queue import FlowItem
-from epp.flowcontrol.saturation import DispatchLedger
-from epp.flowcontrol.settings import BandSettings, FlowControlSettings
-
-__all__ = ["DROPPED_REASON_HEADER", "BandSettings", "DispatchLedger", "FlowControlSettings", "FlowController",
-           "FlowItem", "Outcome"]

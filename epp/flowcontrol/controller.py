@@ -56,7 +56,8 @@ GC_EVERY = 30.0
 
 class FlowController:
     def __init__(self, settings: FlowControlSettings, locate: Callable[[], Sequence[Endpoint]], *,
-                 ledger: DispatchLedger | None = None, clock: Callable[[], float] = now) -> None:
+                 ledger: DispatchLedger | None = None, pool_name: str = "",
+                 clock: Callable[[], float] = now) -> None:
         self.settings = settings
         self._locate = locate
         self._clock = clock
@@ -64,7 +65,7 @@ class FlowController:
         self.registry = FlowRegistry(settings, t)
         # Shared across config reloads: it is the EPP's in-flight state, not the config's.
         self.ledger = ledger if ledger is not None else DispatchLedger()
-        self.metrics = FlowMetrics(settings.pool_name)
+        self.metrics = FlowMetrics(pool_name)
         self.outcomes: Counter[str] = Counter()
         self.last_saturation = 0.0
         self.last_stages: dict[str, float] = {}

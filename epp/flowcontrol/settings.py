@@ -46,7 +46,6 @@ class FlowControlSettings:
     default_ttl: float = DEFAULT_REQUEST_TTL  # 0 = never expire
     no_endpoint_ttl: float = DEFAULT_REQUEST_TTL  # the budget while the pool has no endpoints
     enable_eviction: bool = False  # accepted for compatibility; in-flight eviction is not implemented
-    pool_name: str = ""
 
     def template_for(self, priority: int) -> BandSettings:
         """The band a priority nobody configured gets (dynamic provisioning)."""

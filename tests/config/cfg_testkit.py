@@ -18,7 +18,9 @@ from epp.framework import (
     Discovery,
     Duration,
     Extractor,
+    FairnessPolicy,
     Filter,
+    OrderingPolicy,
     Parser,
     Picker,
     Plugin,
@@ -27,6 +29,7 @@ from epp.framework import (
     ResponseComplete,
     SaturationDetector,
     Scorer,
+    UsageLimitPolicy,
 )
 from epp.framework.registry import Registry
 
@@ -241,8 +244,22 @@ class Exploding(Plugin):
         raise RuntimeError("cannot reach the tokenizer service")
 
 
-class FlowPolicy(Plugin):
-    """A flow-control policy stand-in: no framework interface exists for these yet."""
+class FlowPolicy(OrderingPolicy):
+    """An ordering policy (FCFS)."""
+
+    def sort_key(self, item):
+        return item.enqueued_at
+
+
+class TestFairness(FairnessPolicy):
+    def pick(self, band, state):
+        flows = band.flows()
+        return flows[0] if flows else None
+
+
+class TestUsageLimit(UsageLimitPolicy):
+    def ceilings(self, saturation, priorities):
+        return [1.0] * len(priorities)
 
 
 TEST_TYPES: dict[str, type] = {
@@ -269,6 +286,8 @@ TEST_TYPES: dict[str, type] = {
     "test-one": Inert,
     "test-exploding": Exploding,
     "test-flow-policy": FlowPolicy,
+    "test-fairness-policy": TestFairness,
+    "test-usage-limit": TestUsageLimit,
     # stand-ins for the system defaults
     "max-score-picker": TestPicker,
     "single-profile-handler": SingleProfileHandler,
@@ -276,6 +295,9 @@ TEST_TYPES: dict[str, type] = {
     "utilization-detector": TestDetector,
     "metrics-data-source": PromSource,
     "core-metrics-extractor": PromExtractor,
+    "fcfs-ordering-policy": FlowPolicy,
+    "global-strict-fairness-policy": TestFairness,
+    "static-usage-limit-policy": TestUsageLimit,
     # stand-ins for the seed pipeline of our docs
     "prometheus-metric": PromExtractor,
     "metric-scorer": TestScorer,

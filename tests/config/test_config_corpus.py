@@ -38,7 +38,8 @@ def facts_of(loaded) -> dict[str, Any]:
         "saturation": loaded.saturation_detector.name,
         "producers": [p.name for p in loaded.producers],
         "gates": loaded.feature_gates,
-        "flow_control": loaded.flow_control,
+        "flow_control": loaded.document.get("flowControl"),
+        "flow_gate": loaded.flow_control is not None,
         "objectives": {k: v.priority for k, v in loaded.objectives.items()},
         "rewrites": {k: [(t.model, t.weight) for t in v.targets] for k, v in loaded.model_rewrites.items()},
         "discovery": loaded.discovery.name if loaded.discovery else None,
@@ -69,8 +70,9 @@ featureGates:
 - dataLayer
 - flowControl
 """
+FLOW_DEFAULTS = ["fcfs-ordering-policy", "global-strict-fairness-policy", "static-usage-limit-policy"]
 UPSTREAM_FULL_FACTS = {
-    "plugins": ["test1", "profileHandler", "test-scorer", "testPicker", *SYSTEM],
+    "plugins": ["test1", "profileHandler", "test-scorer", "testPicker", *FLOW_DEFAULTS, *SYSTEM],
     "profiles": {"default": [("test1", None), ("test-scorer", 50.0), ("testPicker", None)]},
     "handler": "profileHandler",
     "gates": ["dataLayer", "flowControl"],
@@ -117,12 +119,14 @@ VALID = [
     }),
     Case("upstream-full-llm-d-apiversion", H + UPSTREAM_FULL, facts={
         **UPSTREAM_FULL_FACTS,
+        "flow_gate": True,
         "flow_control": {  # the gate turns the defaults on even without a flowControl section
-            "maxBytes": None, "maxRequests": None, "defaultRequestTTL": 0.0,
-            "defaultPriorityBand": {"maxBytes": 1_000_000_000, "maxRequests": 0,
+            "defaultRequestTTL": "60s", "noEndpointRequestTTL": "60s",
+            "defaultPriorityBand": {"maxBytes": 1_000_000_000, "maxRequests": 5000,
                                     "fairnessPolicyRef": "global-strict-fairness-policy",
                                     "orderingPolicyRef": "fcfs-ordering-policy"},
             "priorityBands": [], "usageLimitPolicyPluginRef": "static-usage-limit-policy",
+            "saturationDetector": {"pluginRef": "utilization-detector"},
         },
     }),
     Case("upstream-full-deprecated-apiversion", OLD + UPSTREAM_FULL, facts=UPSTREAM_FULL_FACTS,
@@ -221,17 +225,51 @@ flowControl:
     orderingPolicyRef: customFCFS
     maxRequests: 50
   - priority: -1
-""", facts={"flow_control": {
-        "maxBytes": 2**30, "maxRequests": 1000, "defaultRequestTTL": 90.0,
-        "defaultPriorityBand": {"maxBytes": 1_000_000_000, "maxRequests": 0,
+""", facts={"flow_gate": True, "flow_control": {
+        "maxBytes": 2**30, "maxRequests": 1000, "defaultRequestTTL": "90s", "noEndpointRequestTTL": "90s",
+        "defaultPriorityBand": {"maxBytes": 1_000_000_000, "maxRequests": 5000,
                                 "fairnessPolicyRef": "global-strict-fairness-policy", "orderingPolicyRef": "fcfs-ordering-policy"},
         "priorityBands": [
             {"priority": 100, "maxBytes": 1_000_000_000, "maxRequests": 50,
              "fairnessPolicyRef": "global-strict-fairness-policy", "orderingPolicyRef": "customFCFS"},
-            {"priority": -1, "maxBytes": 1_000_000_000, "maxRequests": 0,
+            {"priority": -1, "maxBytes": 1_000_000_000, "maxRequests": 5000,
              "fairnessPolicyRef": "global-strict-fairness-policy", "orderingPolicyRef": "fcfs-ordering-policy"},
         ],
-        "usageLimitPolicyPluginRef": "static-usage-limit-policy"}}),
+        "usageLimitPolicyPluginRef": "static-usage-limit-policy",
+        "saturationDetector": {"pluginRef": "utilization-detector"}}}),
+    Case("flow-control-full-section", H + """
+featureGates: [flowControl]
+plugins:
+- {type: test-fairness-policy, name: rr}
+- {type: test-usage-limit, name: holdback}
+- {type: test-detector, name: sat}
+flowControl:
+  defaultRequestTTL: 0s
+  noEndpointRequestTTL: 5m
+  defaultPriorityBand: {fairnessPolicyRef: rr, maxRequests: 0}
+  defaultNegativePriorityBand: {maxRequests: 10}
+  priorityBands: [{priority: 5, maxBytes: 1Mi}]
+  usageLimitPolicyPluginRef: holdback
+  saturationDetector: {pluginRef: sat}
+""", facts={"flow_gate": True, "saturation": "sat", "flow_control": {
+        "defaultRequestTTL": "0s", "noEndpointRequestTTL": "300s",
+        "defaultPriorityBand": {"maxBytes": 1_000_000_000, "maxRequests": 5000,
+                                "fairnessPolicyRef": "rr", "orderingPolicyRef": "fcfs-ordering-policy"},
+        "defaultNegativePriorityBand": {"maxBytes": 1_000_000_000, "maxRequests": 10,
+                                        "fairnessPolicyRef": "global-strict-fairness-policy",
+                                        "orderingPolicyRef": "fcfs-ordering-policy"},
+        "priorityBands": [{"priority": 5, "maxBytes": 2**20, "maxRequests": 5000,
+                           "fairnessPolicyRef": "global-strict-fairness-policy",
+                           "orderingPolicyRef": "fcfs-ordering-policy"}],
+        "usageLimitPolicyPluginRef": "holdback", "saturationDetector": {"pluginRef": "sat"}}}),
+    Case("flow-control-section-without-the-gate", H + """
+plugins:
+- {type: test-detector, name: sat}
+flowControl:
+  maxRequests: 10
+  saturationDetector: {pluginRef: sat}
+""", facts={"flow_gate": False, "saturation": "sat"},
+         warnings=["flowControl: the flowControl feature gate is off: this section is ignored"]),
     Case("objectives-and-rewrites-extensions", H + """
 inferenceObjectives:
 - {name: premium, priority: 10}
@@ -294,6 +332,24 @@ schedulingProfiles:
 ]
 
 INVALID = [
+    Case("flow-control-policy-of-the-wrong-kind", H + """
+featureGates: [flowControl]
+plugins: [{type: test-scorer}]
+flowControl:
+  priorityBands: [{priority: 1, orderingPolicyRef: test-scorer}]
+""", errors=["flowControl.priorityBands[0].orderingPolicyRef: plugin 'test-scorer' (type 'test-scorer') is not a "
+             "flow-control ordering policy (it is a scorer)"], n_errors=1),
+    Case("flow-control-undefined-usage-limit", H + """
+featureGates: [flowControl]
+flowControl: {usageLimitPolicyPluginRef: nope}
+""", errors=["flowControl.usageLimitPolicyPluginRef: references undefined plugin 'nope'"], n_errors=1),
+    Case("flow-control-contradicting-detectors", H + """
+plugins: [{type: test-detector, name: a}, {type: test-detector, name: b}]
+saturationDetector: {pluginRef: a}
+flowControl: {saturationDetector: {pluginRef: b}}
+""", errors=["flowControl.saturationDetector.pluginRef: 'b' contradicts the top-level saturationDetector 'a'"]),
+    Case("flow-control-bad-ttl", H + "flowControl: {noEndpointRequestTTL: soon}\n",
+         errors=["flowControl.noEndpointRequestTTL: invalid duration"], n_errors=1),
     Case("plugin-entry-not-a-mapping", H + "plugins:\n- testing 1 2 3\n",
          errors=["plugins[0]: expected a mapping, got string 'testing 1 2 3'"], n_errors=1),
     Case("yaml-syntax-error", H + "plugins:\n  - type: [a\n",

@@ -214,7 +214,7 @@ def test_env_flow_control_gate_is_deprecated_but_honoured(load, monkeypatch) -> 
     monkeypatch.setenv("ENABLE_EXPERIMENTAL_FLOW_CONTROL_LAYER", "true")
     cfg = load(H)
     assert cfg.feature_gates == ["flowControl"]
-    assert cfg.flow_control is not None and cfg.flow_control["usageLimitPolicyPluginRef"] == "static-usage-limit-policy"
+    assert cfg.flow_control is not None and cfg.flow_control.usage_limit.name == "static-usage-limit-policy"
     assert any("ENABLE_EXPERIMENTAL_FLOW_CONTROL_LAYER" in w for w in cfg.warnings)
 
 

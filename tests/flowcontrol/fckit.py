@@ -8,7 +8,8 @@ from typing import Any, Sequence
 
 from epp.datalayer.endpoint import EndpointMetadata, now
 from epp.datalayer.pool import EndpointPool
-from epp.flowcontrol import BandSettings, FlowControlSettings, FlowController
+from epp.flowcontrol.controller import FlowController
+from epp.flowcontrol.settings import BandSettings, FlowControlSettings
 from epp.framework import SaturationDetector
 from epp.framework.types import InferenceRequest
 from plugins.flowcontrol.fairness import GlobalStrictFairness, RoundRobinFairness
@@ -57,12 +58,12 @@ def settings(detector: SaturationDetector | None = None, *, fairness: str = "glo
         default_band=BandSettings(None, f, o, band_max_bytes, band_max_requests),
         bands=tuple(BandSettings(p, f, o, mb, mr) for p, mr, mb in bands),
         max_requests=max_requests, max_bytes=max_bytes, default_ttl=ttl,
-        no_endpoint_ttl=ttl if no_endpoint_ttl is None else no_endpoint_ttl, pool_name="test-pool")
+        no_endpoint_ttl=ttl if no_endpoint_ttl is None else no_endpoint_ttl)
 
 
 def controller(s: FlowControlSettings, pool: EndpointPool | None = None) -> FlowController:
     pool = pool if pool is not None else pool_of()
-    return FlowController(s, pool.schedulable)
+    return FlowController(s, pool.schedulable, pool_name="test-pool")
 
 
 def request(i: int, *, headers: dict[str, str] | None = None, model: str = "m") -> InferenceRequest:

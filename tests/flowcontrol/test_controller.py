@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from epp.flowcontrol import DROPPED_REASON_HEADER, FlowController
+from epp.flowcontrol.controller import FlowController
+from epp.flowcontrol.outcomes import DROPPED_REASON_HEADER
 from epp.observability import metrics as m
 from epp.requestcontrol.errors import RequestError
 from fckit import Dial, Waiter, controller, pool_of, settings, settle
@@ -231,7 +232,8 @@ async def test_a_reloaded_controller_adopts_the_queue() -> None:
     old = controller(settings(dial), pool)
     waiters = [Waiter(old, i, fid="b" if i % 2 else "a") for i in range(4)]
     await settle()
-    new = FlowController(settings(dial, fairness="round-robin"), pool.schedulable, ledger=old.ledger)
+    new = FlowController(settings(dial, fairness="round-robin"), pool.schedulable, ledger=old.ledger,
+                         pool_name="test-pool")
     new.adopt(old)
     assert old.registry.len == 0 and new.registry.len == 4
     dial.value = 0.0

@@ -251,6 +251,7 @@ class Collector:
                     self._extract_failed(ep, source, ex, e)
         if ok:
             self._succeeded(ep)
+            self.pool.data_changed()
         elif failed:
             self._failed(ep, started)
         if self.on_tick is not None:

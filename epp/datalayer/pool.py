@@ -31,6 +31,7 @@ class EndpointPool:
         self._snapshot: tuple[Endpoint, ...] = ()
         self._schedulable: tuple[Endpoint, ...] = ()
         self._listeners: list[Listener] = []
+        self._data_watchers: list[Callable[[], None]] = []
         self.synced = False
 
     def subscribe(self, listener: Listener) -> None:
@@ -39,6 +40,23 @@ class EndpointPool:
     def unsubscribe(self, listener: Listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+    def watch_data(self, watcher: Callable[[], None]) -> None:
+        """Call ``watcher()`` whenever collectors have written fresh endpoint data (flow control
+        re-reads saturation then instead of polling)."""
+        self._data_watchers.append(watcher)
+
+    def unwatch_data(self, watcher: Callable[[], None]) -> None:
+        if watcher in self._data_watchers:
+            self._data_watchers.remove(watcher)
+
+    def data_changed(self) -> None:
+        """Collectors call this after writing a batch of metrics/attributes/reachability."""
+        for watcher in self._data_watchers:
+            try:
+                watcher()
+            except Exception:  # one broken watcher must not break collection
+                log.exception("endpoint pool data watcher failed")
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         return self._snapshot

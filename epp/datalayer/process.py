@@ -208,6 +208,8 @@ class ProcessCollector:
             reachable, ep.last_scrape_ok, ep.first_failure = health
             if pool.set_reachable(ep, reachable):
                 self.sink.reachability(ep, reachable)
+        if updates:
+            pool.data_changed()
         for what, n in errors.items():
             if what[0] == "poll":
                 self.sink.poll_error(what[1], n)

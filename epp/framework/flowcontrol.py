@@ -23,8 +23,6 @@ from typing import Any, NamedTuple, Protocol, Sequence
 from epp.framework.plugin import Plugin
 from epp.framework.types import InferenceRequest
 
-DEFAULT_FAIRNESS_ID = "default-flow"
-
 
 class FlowKey(NamedTuple):
     """A flow: all requests of one fairness id at one priority."""

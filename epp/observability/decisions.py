@@ -26,7 +26,8 @@ class Decision:
     result: SchedulingResult
     target: str
     scheduling_s: float  # Scheduler.schedule only
-    total_s: float  # parse to pick
+    total_s: float  # parse to pick, without the time spent queued in flow control
+    queue_s: float = 0.0  # time queued in flow control
 
 
 def _profile_json(pr: ProfileResult | None) -> dict[str, Any] | None:
@@ -77,13 +78,16 @@ def decision_json(d: Decision) -> dict[str, Any]:
         "primary_profile": d.result.primary_profile,
         "profiles": {name: _profile_json(pr) for name, pr in d.result.profile_results.items()},
         "prefix_matches": prefix_matches_json(d.result),
-        "timing_ms": {"scheduling": round(d.scheduling_s * 1e3, 4), "total": round(d.total_s * 1e3, 4)},
+        "timing_ms": {"scheduling": round(d.scheduling_s * 1e3, 4), "total": round(d.total_s * 1e3, 4),
+                      "queued": round(d.queue_s * 1e3, 3)},
     }
 
 
 def debug_header_value(d: Decision, limit: int = 4000) -> str:
     """One header line: the pick, then each candidate's total and per-scorer raw->weighted score."""
     parts = [f"pick={d.target}", f"candidates={d.candidates}", f"profile={d.result.primary_profile}"]
+    if d.queue_s:
+        parts.append(f"queued={d.queue_s * 1e3:.1f}ms")
     pr = d.result.profile_results.get(d.result.primary_profile)
     if pr is not None:
         for b in sorted(pr.breakdown, key=lambda b: -b.total):

@@ -25,12 +25,14 @@ class DebugState:
 
     def __init__(self, pool: EndpointPool, decisions: Callable[[], DecisionLog],
                  in_flight: Callable[[], int] = lambda: 0, started: float | None = None,
-                 plugins: Callable[[], list] = list) -> None:
+                 plugins: Callable[[], list] = list,
+                 flow: Callable[[], dict | None] = lambda: None) -> None:
         self.pool = pool
         self.decisions = decisions
         self.in_flight = in_flight
         self.started = started or time.time()
         self.plugins = plugins  # the live config's plugins; those with debug_state() get a section
+        self.flow = flow  # flow control's queue state (None: the feature gate is off)
 
     def plugin_states(self) -> list[dict]:
         out = []
@@ -89,6 +91,10 @@ def build_app(state: DebugState) -> web.Application:
     async def plugin_debug(_req: web.Request) -> web.Response:
         return web.json_response({"plugins": state.plugin_states()}, dumps=lambda o: json.dumps(o, indent=1))
 
+    async def flowcontrol(_req: web.Request) -> web.Response:
+        return web.json_response({"enabled": (snap := state.flow()) is not None, "state": snap},
+                                 dumps=lambda o: json.dumps(o, indent=1))
+
     async def page(_req: web.Request) -> web.Response:
         return web.Response(text=render_page(state), content_type="text/html")
 
@@ -99,6 +105,7 @@ def build_app(state: DebugState) -> web.Application:
     app.router.add_get("/debug/decisions", decisions)
     app.router.add_get("/debug/endpoints", endpoints)
     app.router.add_get("/debug/plugins", plugin_debug)
+    app.router.add_get("/debug/flowcontrol", flowcontrol)
     app.router.add_get("/debug", page)
     return app
 
@@ -128,8 +135,9 @@ def render_page(state: DebugState, n_decisions: int = 20) -> str:
             f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(d.at))}</td><td>{e(d.request_id)}</td>"
             f"<td>{e(d.model)}{'' if d.target_model == d.model else ' &rarr; ' + e(d.target_model)}</td>"
             f"<td>{d.candidates}</td><td><b>{e(d.target)}</b></td><td>{scores}</td>"
-            f"<td>{dj['timing_ms']['scheduling']:.3f} / {dj['timing_ms']['total']:.3f}</td></tr>")
-    dec_html = "".join(dec_rows) or "<tr><td colspan=7>no decisions yet</td></tr>"
+            f"<td>{dj['timing_ms']['scheduling']:.3f} / {dj['timing_ms']['total']:.3f}</td>"
+            f"<td>{dj['timing_ms']['queued']:.1f}</td></tr>")
+    dec_html = "".join(dec_rows) or "<tr><td colspan=8>no decisions yet</td></tr>"
     kv_html = "".join(_kv_events_section(ps) for ps in state.plugin_states() if "subscriptions" in ps)
     return f"""<!doctype html><html><head><meta charset=utf-8><title>EPP debug</title>
 <meta http-equiv=refresh content=5>
@@ -143,8 +151,30 @@ JSON: <a href="/debug/decisions">/debug/decisions</a>, <a href="/debug/endpoints
 <a href="/debug/plugins">/debug/plugins</a>, <a href="/metrics">/metrics</a></p>
 <h2>Endpoints</h2><table><tr><th>endpoint</th><th>name</th><th>reachable</th><th>metrics age</th>
 <th>queue</th><th>running</th><th>KV usage</th></tr>{ep_html}</table>{kv_html}
+{render_flow(state.flow())}
 <h2>Recent decisions</h2><table><tr><th>time</th><th>request</th><th>model</th><th>candidates</th><th>pick</th>
-<th>scores (raw&rarr;weighted)</th><th>ms sched / total</th></tr>{dec_html}</table></body></html>"""
+<th>scores (raw&rarr;weighted)</th><th>ms sched / total</th><th>ms queued</th></tr>{dec_html}</table></body></html>"""
+
+
+def render_flow(snap: dict | None) -> str:
+    """The flow-control section of /debug: saturation, and every band and flow with its backlog."""
+    if snap is None:
+        return "<h2>Flow control</h2><p>off (feature gate <code>flowControl</code> not set)</p>"
+    e = html.escape
+    rows = []
+    for b in snap["bands"]:
+        flows = ", ".join(f"{e(f['fairness_id'])}: {f['queued']} (oldest {f['oldest_wait_s']:.3f}s)"
+                          for f in b["flows"]) or "-"
+        rows.append(f"<tr><td>{b['priority']}</td><td>{b['queued']} / {b['max_requests']}</td><td>{b['bytes']}</td>"
+                    f"<td>{e(b['fairness'])} / {e(b['ordering'])}</td><td>{flows}</td></tr>")
+    stages = ", ".join(f"{k} {v:.3f}" for k, v in snap["stages"].items())
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(snap["outcomes"].items())) or "none yet"
+    return (f"<h2>Flow control</h2><p>queued {snap['queued']} ({snap['bytes']} bytes), saturation "
+            f"{snap['saturation']:.3f}{' (' + stages + ')' if stages else ''}, in flight "
+            f"{sum(snap['in_flight'].values())}{', pool empty' if snap['pool_empty'] else ''}. Outcomes: {outcomes}. "
+            f"JSON: <a href=\"/debug/flowcontrol\">/debug/flowcontrol</a></p>"
+            "<table><tr><th>priority</th><th>queued / max</th><th>bytes</th><th>fairness / ordering</th>"
+            f"<th>flows (queued, oldest wait)</th></tr>{''.join(rows)}</table>")
 
 
 def _kv_events_section(ps: dict) -> str:

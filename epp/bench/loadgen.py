@@ -23,6 +23,9 @@ from epp.bench.workloads import BenchRequest, Workload
 
 # The sim names the server that answered (epp/sim/server.py); routers pass it through.
 SERVER_ADDRESS_HEADER = "x-sim-address"
+# The EPP's flow control (upstream's names): time queued, and why a request was refused.
+QUEUE_DURATION_HEADER = "x-llm-d-flow-queue-duration-ms"
+DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
 
 
 @dataclass(slots=True)
@@ -39,6 +42,8 @@ class RequestResult:
     cached_tokens: int | None = None
     server: str = ""
     error: str = ""
+    queue_ms: float | None = None  # time queued in the EPP's flow control (its response header)
+    dropped: str = ""  # why the EPP answered itself (x-llm-d-request-dropped-reason)
 
     @property
     def ok(self) -> bool:
@@ -67,10 +72,17 @@ async def _one(session: aiohttp.ClientSession, url: str, req: BenchRequest, res:
                timeout: float) -> None:
     t0 = time.perf_counter()
     try:
-        async with session.post(url, json=req.body(stream=True),
+        async with session.post(url, json=req.body(stream=True), headers=dict(req.headers) if req.headers else None,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             res.status = resp.status
             res.server = resp.headers.get(SERVER_ADDRESS_HEADER, "")
+            queued = resp.headers.get(QUEUE_DURATION_HEADER)
+            if queued is not None:
+                try:
+                    res.queue_ms = float(queued)
+                except ValueError:
+                    pass
+            res.dropped = resp.headers.get(DROPPED_REASON_HEADER, "")
             if resp.status != 200:
                 res.error = (await resp.text())[:300]
                 return

@@ -25,11 +25,12 @@ import os
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from epp.bench import kvpressure
+from epp.bench import overload as overload_mod
 from epp.bench import peers as peers_mod
 from epp.bench import report, stacks, workloads
 from epp.bench.capacity import saturation_capacity, simulate_round_robin
@@ -59,6 +60,10 @@ POLICIES: tuple[Policy, ...] = (
            "counts; an extra policy, not one of issue 7's)", epp_config="inflight-aware.yaml"),
     Policy("epp-ttft", "epp", "Envoy + EPP, in-flight profile + prefill-backlog-scorer (uncached prompt tokens "
            "routed and awaiting a first token; an extra policy)", epp_config="ttft-aware.yaml"),
+    Policy("epp-flow-strict", "epp", "Envoy + EPP, flow control (concurrency-detector at the servers' batch size), "
+           "global-strict fairness: one FCFS queue per priority band", epp_config="flow-control.yaml"),
+    Policy("epp-flow-rr", "epp", "Envoy + EPP, flow control (concurrency-detector at the servers' batch size), "
+           "round-robin fairness between tenants", epp_config="flow-control-round-robin.yaml"),
     *(Policy(f"{spec.name}-{pol}", "peer", f"{spec.name} {spec.requirement.split('==')[-1]}, --policy {pol}",
              peer=spec.name, peer_policy=pol)
       for spec in peers_mod.PEERS.values() for pol in spec.policies),
@@ -72,10 +77,13 @@ SPECIAL_WORKLOADS = {"kv-pressure": kvpressure}
 # out of a long queue, which a moderately loaded server cannot do. The virtual round-robin
 # replay (simulate_round_robin) shows the knee: TTFT p90 0.34 s at 0.4, 1.4 s at 0.5, 3.7 s at
 # 0.6, 6.2 s at 0.7 (queues grow until batching catches up).
-DEFAULT_LOAD = {"shared-prefix": 0.7, "mixed-lengths": 0.8, "lora": 0.5}
+DEFAULT_LOAD = {"shared-prefix": 0.7, "mixed-lengths": 0.8, "lora": 0.5, "overload": 2.0}
 TARGETS = {
     "shared-prefix": "TTFT p90 at least 3x better than envoy-round-robin and no worse than the best peer policy",
     "mixed-lengths": "TTFT p90 at least 1.5x better than envoy-round-robin",
+    "overload": "with flow control and round-robin fairness, tenant A's TTFT p90 at most 2x its idle-fleet value "
+                "with at least 99 % success; high-priority requests never wait behind lower bands; every request "
+                "accounted for",
 }
 EPP_SMART = ("epp-default", "epp-seed", "epp-inflight", "epp-ttft")
 EXTRA_POLICIES = ("epp-inflight", "epp-ttft")  # beyond issue 7's list; shown, but marked as extra
@@ -113,7 +121,9 @@ def smoke_settings() -> QualitySettings:
                            policies=("envoy-round-robin", "epp-seed"), install_peers=False,
                            request_timeout=30.0, kv_pressure=kvpressure.smoke_kv_settings(),
                            # kv-pressure has its own smoke (`--workloads kv-pressure --smoke`)
-                           workloads=tuple(w for w in WORKLOAD_NAMES if w not in SPECIAL_WORKLOADS))
+                           # overload has its own smoke too (`--workloads overload --policies epp-flow-rr`)
+                           workloads=tuple(w for w in WORKLOAD_NAMES
+                                           if w not in SPECIAL_WORKLOADS and w != "overload"))
 
 
 # -- planning --------------------------------------------------------------------------------
@@ -290,6 +300,13 @@ def run_one(policy: Policy, planned: PlannedWorkload, settings: QualitySettings,
     summary["cpu_cores"] = {k: round(v, 3) for k, v in cpu.items()}
     # Other work on the machine skews latencies; record how busy it was.
     summary["load_average_1m"] = round(os.getloadavg()[0], 2)
+    if wl.name == "overload":
+        summary["groups"] = overload_mod.group_stats(results, settings.time_scale)
+        metrics_file = log_dir / "epp-metrics.txt"
+        acc = (overload_mod.epp_accounting(metrics_file.read_text())
+               if started.epp_metrics_url and metrics_file.exists() else None)
+        summary["accounting"] = acc
+        summary["accounted"] = overload_mod.accounted(results, acc, policy.name in overload_mod.FLOW_POLICIES)
     if started.epp_metrics_url:
         ages = [x["max_age_s"] for x in samples if x.get("max_age_s") is not None]
         summary["epp_data_age_max_s"] = max(ages, default=None)
@@ -403,6 +420,8 @@ def run_quality_bench(out_dir: str | Path, smoke: bool = False, *,
              f"({planned.load_fraction:.0%} of {s.servers} x {planned.capacity_per_server:.2f}/s), "
              f"{len(policies)} policies")
         for policy in policies:
+            if not overload_mod.runs_on(policy.name, name):
+                continue
             t = time.perf_counter()
             try:
                 try:
@@ -421,11 +440,30 @@ def run_quality_bench(out_dir: str | Path, smoke: bool = False, *,
             m = outcome.summary
             _say(f"  {policy.name:28s} TTFT p50 {m['ttft_p50']:.3f}s p90 {m['ttft_p90']:.3f}s "
                  f"hit {m['prefix_hit_rate']:.0%} ok {m['ok']}/{m['requests']} ({time.perf_counter() - t:.0f}s)")
+        if name == "overload" and overload_mod.IDLE_POLICY in s.policies:
+            _run_idle_baseline(planned, s, out, installs, entry)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["targets"] = evaluate_targets(result)
     report.write_json(out / "result.json", result)
     write_quality_report(result, out)
     return result
+
+
+def _run_idle_baseline(planned: PlannedWorkload, s: QualitySettings, out: Path,
+                       installs: Mapping[str, peers_mod.PeerInstall], entry: dict[str, Any]) -> None:
+    """Tenant A's requests alone on a fresh fleet: the idle-fleet yardstick of the overload targets."""
+    wl = planned.workload
+    alone = replace(wl, requests=tuple(r for r in wl.requests if r.group == "A"))
+    policy = next(p for p in POLICIES if p.name == overload_mod.IDLE_POLICY)
+    try:
+        outcome = run_one(policy, replace(planned, workload=alone), s, out / "logs" / wl.name / "idle-A", installs)
+    except Exception as exc:  # noqa: BLE001
+        entry["idle_baseline"] = {"failed": f"{type(exc).__name__}: {exc}"[:2000]}
+        return
+    entry["idle_baseline"] = {k: v for k, v in outcome.summary.items() if k != "ttft_samples"}
+    a = outcome.summary["groups"].get("A", {})
+    _say(f"  idle fleet, tenant A alone: TTFT p50 {a.get('ttft_p50') or float('nan'):.3f}s "
+         f"p90 {a.get('ttft_p90') or float('nan'):.3f}s")
 
 
 # -- targets and report ------------------------------------------------------------------------
@@ -534,6 +572,8 @@ def write_quality_report(result: Mapping[str, Any], out: Path) -> Path:
             lines += [f"Round-robin replayed on the sim's scheduler with a virtual clock (the physics alone, no "
                       f"processes): TTFT p50 {report.fmt(pred.get('ttft_p50'))} s, p90 {report.fmt(pred.get('ttft_p90'))} s, "
                       f"p99 {report.fmt(pred.get('ttft_p99'))} s; compare with the measured `envoy-round-robin` row.", ""]
+        if wl_name == "overload":
+            lines += overload_mod.markdown(entry, all_policies)
         lines += [f"![TTFT CDF, {wl_name}](quality_ttft_cdf_{wl_name}.png)", ""]
         if wl_name in TARGETS:
             lines += [f"Target: {TARGETS[wl_name]}.", ""]

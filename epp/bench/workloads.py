@@ -58,6 +58,7 @@ class BenchRequest:
     messages: tuple[Mapping[str, str], ...] = ()
     group: str = ""  # tenant or adapter: what the request shares with others
     direct: int = -1  # >= 0: sent straight to that server (kv-pressure), not through the router
+    headers: tuple[tuple[str, str], ...] = ()  # extra request headers (tenant id, objective)
 
     @property
     def path(self) -> str:
@@ -351,7 +352,67 @@ def kv_pressure(
     )
 
 
-WORKLOADS = {"shared-prefix": shared_prefix, "mixed-lengths": mixed_lengths, "lora": lora, "kv-pressure": kv_pressure}
+FAIRNESS_HEADER = "x-llm-d-inference-fairness-id"
+OBJECTIVE_HEADER = "x-llm-d-inference-objective"
+HIGH_PRIORITY_OBJECTIVE = "critical"  # the EPP configs of the overload policies give it priority 10
+
+
+def overload(
+    *,
+    seed: int = 4,
+    rate: float = 40.0,
+    duration: float = 30.0,
+    light_share: float = 0.1,
+    high_share: float = 0.01,
+    prompt_tokens: tuple[int, int] = (200, 800),
+    output_median: float = 64.0,
+    output_sigma: float = 0.5,
+    output_max: int = 256,
+    model: str = DEFAULT_MODEL,
+) -> Workload:
+    """Two tenants overloading the fleet, plus a few requests of a high-priority objective.
+
+    Meant to run at twice the fleet's capacity: tenant ``A`` sends ``light_share`` of the
+    arrivals (0.1 of 2x = 20 % of capacity), ``high`` (tenant ``ops``, objective
+    ``critical``) ``high_share``, tenant ``B`` floods with the rest. Unique prompts (no prefix
+    sharing), so only queueing decides latency.
+    """
+    rng = random.Random(seed)
+    requests = []
+    for i, at in enumerate(poisson_arrivals(rng, rate, duration)):
+        u = rng.random()
+        group = "high" if u < high_share else "A" if u < high_share + light_share else "B"
+        headers: tuple[tuple[str, str], ...] = ((FAIRNESS_HEADER, "ops" if group == "high" else group),)
+        if group == "high":
+            headers += ((OBJECTIVE_HEADER, HIGH_PRIORITY_OBJECTIVE),)
+        n_prompt = rng.randint(*prompt_tokens)
+        requests.append(BenchRequest(
+            index=i,
+            at=at,
+            api="completions",
+            model=model,
+            max_tokens=lognormal_int(rng, output_median, output_sigma, 1, output_max),
+            prompt_tokens=n_prompt,
+            prompt=text_of_tokens(rng, n_prompt, lead=f"#{seed}-{i} "),
+            group=group,
+            headers=headers,
+        ))
+    return Workload(
+        name="overload",
+        description=(f"tenant A {light_share:.0%} and high-priority objective {high_share:.0%} of the arrivals, "
+                     f"tenant B the rest; {rate:.1f} req/s"),
+        requests=tuple(requests),
+        duration=duration,
+        rate=rate,
+        model=model,
+        params={"seed": seed, "light_share": light_share, "high_share": high_share,
+                "prompt_tokens": list(prompt_tokens), "output_median": output_median,
+                "output_sigma": output_sigma, "output_max": output_max},
+    )
+
+
+WORKLOADS = {"shared-prefix": shared_prefix, "mixed-lengths": mixed_lengths, "lora": lora, "kv-pressure": kv_pressure,
+             "overload": overload}
 
 
 def build(name: str, **kwargs: Any) -> Workload:

@@ -82,7 +82,8 @@ def test_no_peers_drops_peer_policies() -> None:
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     s = cli._quality_settings(parser.parse_args(["quality", "--no-peers", "--servers", "3", "--time-scale", "0.5"]))
-    assert s.policies == ("envoy-round-robin", "epp-random", "epp-default", "epp-seed", "epp-inflight", "epp-ttft")
+    assert s.policies == ("envoy-round-robin", "epp-random", "epp-default", "epp-seed", "epp-inflight", "epp-ttft",
+                          "epp-flow-strict", "epp-flow-rr")
     assert not s.install_peers and s.servers == 3 and s.time_scale == 0.5
 
 

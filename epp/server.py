@@ -139,7 +139,7 @@ class EppServer:
 
         director = self.director
         state = DebugState(self.pool, lambda: director.decisions, lambda: director.in_flight,
-                           plugins=lambda: list(director.config.plugins.values()))
+                           plugins=lambda: list(director.config.plugins.values()), flow=director.flow_snapshot)
         self._http, self.metrics_port = await start_http_server(state, opts.bind_address, opts.metrics_port)
         gauges = PoolGauges(self.pool, opts.pool_name, opts.metrics_staleness_threshold)
         self._tasks.append(asyncio.create_task(gauges.run(opts.refresh_prometheus_metrics_interval), name="gauges"))
@@ -151,6 +151,8 @@ class EppServer:
                  self.grpc_port, self.health_port, self.metrics_port, opts.secure_serving, self.grpc.core)
 
     async def stop(self) -> None:
+        if self.director is not None:
+            self.director.close()  # queued requests are answered 503 rejected-shutting-down
         if self.grpc is not None:
             await self.grpc.stop(grace=1.0)
         if self._http is not None:

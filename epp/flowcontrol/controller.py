@@ -32,7 +32,7 @@ import math
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from epp.datalayer.endpoint import Endpoint, now
 from epp.flowcontrol import outcomes as oc
@@ -43,10 +43,27 @@ from epp.flowcontrol.saturation import DispatchLedger, pool_saturation
 from epp.flowcontrol.settings import FlowControlSettings
 from epp.flowcontrol.telemetry import FlowMetrics
 from epp.framework.flowcontrol import FlowKey
-from epp.framework.types import InferenceRequest
+from epp.framework.durations import parse_duration
+from epp.framework.types import DEFAULT_FAIRNESS_ID, InferenceRequest
 from epp.requestcontrol.errors import RequestError
 
 log = logging.getLogger(__name__)
+
+TTL_HEADER = "x-llm-d-inference-ttl"  # upstream's per-request queue-wait budget (a Go duration)
+
+
+def request_ttl(headers: Mapping[str, str]) -> float | None:
+    """The request's own queue-wait budget, if it sends a valid positive one."""
+    raw = headers.get(TTL_HEADER)
+    if raw is None:
+        return None
+    try:
+        ttl = parse_duration(raw.strip())
+    except ValueError:
+        log.debug("ignoring invalid %s header %r", TTL_HEADER, raw)
+        return None
+    return ttl if ttl > 0 else None
+
 
 # A released request that has not been scheduled within this long stops holding back the
 # next release (a safety net; the Director always reports back).
@@ -84,17 +101,28 @@ class FlowController:
         self._warned: set[str] = set()
 
     # --- the request side ------------------------------------------------------------------------
-    async def wait_for_dispatch(self, request: InferenceRequest, *, fairness_id: str, priority: int,
-                                byte_size: int, ttl: float | None = None) -> FlowItem:
+    async def wait_for_dispatch(self, request: InferenceRequest, *, fairness_id: str | None = None,
+                                priority: int | None = None, byte_size: int | None = None,
+                                ttl: float | None = None) -> FlowItem:
         """Wait until the request may be scheduled; returns its ticket.
 
-        Raises ``RequestError`` for a rejection or eviction (upstream's status, body and
-        ``x-llm-d-request-dropped-reason``). ``ttl`` overrides ``defaultRequestTTL``.
+        The flow is (``request.fairness_id``, ``request.priority``), the size its body, the
+        queue-wait budget ``x-llm-d-inference-ttl`` or else ``defaultRequestTTL``; the keyword
+        arguments override them. Raises ``RequestError`` for a rejection or eviction
+        (upstream's status, body and ``x-llm-d-request-dropped-reason``).
         """
         t0 = time.perf_counter()
         t = self._clock()
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+        if fairness_id is None:
+            fairness_id = request.fairness_id or DEFAULT_FAIRNESS_ID
+        if priority is None:
+            priority = request.priority
+        if byte_size is None:
+            byte_size = len(request.body)
+        if ttl is None:
+            ttl = request_ttl(request.headers)
         self._seq += 1
         budget = self.settings.default_ttl if ttl is None else ttl
         item = FlowItem(request, FlowKey(fairness_id, priority), byte_size, t, budget or None, self._seq)

@@ -58,6 +58,11 @@ class FlowItem:
         self.controller: Any = None
 
     @property
+    def waited(self) -> bool:
+        """Whether the request was parked in a queue (not let through at once)."""
+        return self.future is not None
+
+    @property
     def queue_time(self) -> float:
         """Seconds between enqueue and release (0 for a request that never waited)."""
         return max(0.0, self.released_at - self.enqueued_at) if self.released_at else 0.0

@@ -50,6 +50,7 @@ DEST_HEADER = "x-gateway-destination-endpoint"
 REQUEST_ID_HEADER = "x-request-id"
 DEBUG_REQUEST_HEADER = "x-epp-debug"
 DEBUG_RESPONSE_HEADER = "x-epp-decision"
+QUEUE_DURATION_HEADER = "x-llm-d-flow-queue-duration-ms"
 
 # Which responses the EPP wants to read the body of (issue 8: in a mode that allows it, the
 # transport tells Envoy to stop sending bodies we do not need; token-usage metrics for
@@ -102,14 +103,32 @@ def _record_error(model: str, target: str, code: str) -> None:
     _REQ_ERRORS(model, target, code).inc()
 
 
-class FlowGate(Protocol):
-    """Flow control as the Director sees it (``epp.flowcontrol``): holds a request while the
-    pool is saturated, returns the candidates to schedule on once it is released (re-read
-    with ``current_candidates``, since the pool may have changed), or raises ``RequestError``
-    (rejected, expired in the queue). Cancelled when the client goes away."""
+class FlowTicket(Protocol):
+    """A request flow control let through (``epp.flowcontrol.queue.FlowItem``)."""
 
-    async def wait_for_dispatch(self, request: InferenceRequest, candidates: list[Candidate],
-                                current_candidates: Callable[[], list[Candidate]]) -> list[Candidate]:
+    @property
+    def waited(self) -> bool:
+        """Whether it was queued (the pool may have changed meanwhile)."""
+
+    @property
+    def queue_time(self) -> float:
+        """Seconds it spent queued."""
+
+    def scheduled(self, targets: Sequence[str]) -> None:
+        """It was scheduled onto these endpoints (keys): it is in flight there now."""
+
+    def finish(self) -> None:
+        """It is over (response complete, error, or scheduling failed); idempotent."""
+
+
+class FlowGate(Protocol):
+    """Flow control as the Director sees it (``epp.flowcontrol.controller.FlowController``):
+    holds a request while the pool is saturated and lets it through in policy order, or
+    raises ``RequestError`` (rejected, expired in the queue). Reads the fairness id, priority,
+    size and ``x-llm-d-inference-ttl`` from the request. Cancelled (``CancelledError`` at its
+    await) when the client goes away or the EPP's deadline passes."""
+
+    async def wait_for_dispatch(self, request: InferenceRequest) -> FlowTicket:
         ...
 
 
@@ -166,13 +185,17 @@ class Director:
         self.options = options or DirectorOptions()
         self._rng = rng or random.Random()
         self._cluster = ClusterObjects()
-        self._flow: FlowGate | None = None
-        self._rt = _Runtime(config, self._rng)
+        self._flow_override: FlowGate | None = None
         self._schedulable = schedulable or schedulable_endpoints
+        self._rt = _Runtime(config, self._rng, flow=self._flow_for(config, None))
         self.decisions = DecisionLog(self.options.decision_log_size)
         self.in_flight = 0  # scheduled requests whose ``complete`` has not run yet
         self._tick = 0
         self._warned: set[tuple[str, str]] = set()
+        # Flow control releases queued requests when capacity may be back: fresh endpoint
+        # data, endpoints coming or going (and requests ending: RequestContext.complete).
+        pool.watch_data(self._capacity_changed)
+        pool.subscribe(self._pool_changed)
 
     # --- configuration ---------------------------------------------------------------------
     @property
@@ -180,8 +203,9 @@ class Director:
         return self._rt.config
 
     def swap_config(self, config: LoadedConfig) -> None:
-        """Use a new config for new requests; requests in flight finish with the old one."""
-        self._rt = _Runtime(config, self._rng, self._cluster, self._flow)
+        """Use a new config for new requests; requests in flight finish with the old one.
+        Requests queued in flow control stay queued (the new flow controller adopts them)."""
+        self._rt = _Runtime(config, self._rng, self._cluster, self._flow_for(config, self._rt.flow))
 
     def set_cluster_objects(self, objects: ClusterObjects) -> None:
         """Replace the objectives and rewrites that come from the cluster (for new requests)."""
@@ -189,9 +213,54 @@ class Director:
         self.swap_config(self._rt.config)
 
     def set_flow_gate(self, flow: FlowGate | None) -> None:
-        """Route new requests through flow control (None: straight to the scheduler)."""
-        self._flow = flow
+        """Route new requests through ``flow`` instead of the flow control the config asks
+        for (None: back to the config's)."""
+        self._flow_override = flow
         self.swap_config(self._rt.config)
+
+    @property
+    def flow(self) -> FlowGate | None:
+        return self._rt.flow
+
+    def flow_snapshot(self) -> dict | None:
+        """Flow control's queue state for /debug (None: flow control is off)."""
+        snapshot = getattr(self._rt.flow, "snapshot", None)
+        return snapshot() if snapshot is not None else None
+
+    def close(self) -> None:
+        """Shutting down: queued requests get upstream's 503 ``rejected-shutting-down``."""
+        stop = getattr(self._rt.flow, "stop", None)
+        if stop is not None:
+            stop()
+
+    def _flow_for(self, config: LoadedConfig, current: FlowGate | None) -> FlowGate | None:
+        """The flow controller for ``config`` (its ``flowControl`` section; None with the gate
+        off). A new one takes over the queue and the in-flight ledger of ``current``."""
+        if self._flow_override is not None:
+            return self._flow_override
+        from epp.flowcontrol.controller import FlowController  # (import cycle: it raises our errors)
+
+        old = current if isinstance(current, FlowController) else None
+        settings = config.flow_control
+        if settings is None:
+            if old is not None:
+                old.release_all()  # the gate was turned off: nothing holds them any more
+            return None
+        if old is not None and old.settings is settings:
+            return old  # same config (e.g. new cluster objects): same controller
+        new = FlowController(settings, lambda: self._schedulable(self.pool),
+                             ledger=old.ledger if old is not None else None, pool_name=self.options.pool_name)
+        if old is not None:
+            new.adopt(old)
+        return new
+
+    def _capacity_changed(self) -> None:
+        notify = getattr(self._rt.flow, "notify", None)
+        if notify is not None:
+            notify()
+
+    def _pool_changed(self, _event: str, _endpoint: Endpoint) -> None:
+        self._capacity_changed()
 
     def _sample(self) -> bool:
         """Whether this request's hooks are timed: one in TIMING_EVERY, as the scheduling
@@ -230,27 +299,34 @@ class Director:
         touches the event loop."""
         t0 = time.perf_counter()
         rt = self._rt
-        req, candidates, cycle, strip = self._begin(rt, headers, body, metadata)
+        flow = rt.flow
+        # With flow control an empty pool is not an error yet: the request waits for
+        # endpoints (noEndpointRequestTTL), as upstream's scale-from-zero waiting room.
+        req, candidates, cycle, strip = self._begin(rt, headers, body, metadata, may_be_empty=flow is not None)
         if rt.waiting_producers:
             await self._run_producers_async(rt, cycle, req, candidates)
         else:
             self._run_producers(rt, cycle, req, candidates)
-        flow = rt.flow
-        if flow is not None:
-            try:
-                self._admit(rt, req, candidates)
-                # Flow control may hold the request while the pool is saturated; the pool
-                # may have changed by the time it is released.
-                candidates = await flow.wait_for_dispatch(req, candidates, lambda: self._candidates(metadata))
-            except E.RequestError as e:
-                _record_error(req.incoming_model, req.target_model, e.code)
-                raise
-            return self._conclude(rt, req, candidates, cycle, headers, strip, t0, admitted=True)
-        return self._conclude(rt, req, candidates, cycle, headers, strip, t0)
+        if flow is None:
+            return self._conclude(rt, req, candidates, cycle, headers, strip, t0)
+        try:
+            # Admitter plugins first; flow control owns saturation (no legacy shedding).
+            self._admit(rt, req, candidates, legacy=False)
+            ticket = await flow.wait_for_dispatch(req)
+        except E.RequestError as e:
+            _record_error(req.incoming_model, req.target_model, e.code)
+            raise
+        try:
+            if ticket.waited:  # the pool and its metrics moved on while it was queued
+                candidates = self._refresh(rt, cycle, req, candidates, metadata)
+            return self._conclude(rt, req, candidates, cycle, headers, strip, t0, admitted=True, ticket=ticket)
+        except BaseException:
+            ticket.finish()
+            raise
 
     # --- pipeline steps --------------------------------------------------------------------
-    def _begin(self, rt: _Runtime, headers: dict[str, str], body: bytes, metadata: Mapping[str, Any] | None
-               ) -> tuple[InferenceRequest, list[Candidate], CycleState, list[str]]:
+    def _begin(self, rt: _Runtime, headers: dict[str, str], body: bytes, metadata: Mapping[str, Any] | None,
+               may_be_empty: bool = False) -> tuple[InferenceRequest, list[Candidate], CycleState, list[str]]:
         """Parse, rewrite, read the control headers, find the candidates."""
         model = target = ""
         try:
@@ -283,15 +359,34 @@ class Director:
             if req.objective:
                 req.priority = rt.objectives.get(req.objective, 0)
             candidates = self._candidates(metadata)
-            if not candidates:
+            if not candidates and not (may_be_empty and not self._schedulable(self.pool)):
                 raise E.unavailable(E.MSG_NO_CANDIDATES)
         except E.RequestError as e:
             _record_error(model, target, e.code)
             raise
         return req, candidates, CycleState(), strip
 
+    def _refresh(self, rt: _Runtime, cycle: CycleState, req: InferenceRequest, candidates: list[Candidate],
+                 metadata: Mapping[str, Any] | None) -> list[Candidate]:
+        """The candidates after a wait in flow control: the pool as it is now, with current
+        metrics. Candidates still present keep what asynchronous producers gave them; the
+        synchronous producers run again (they are cheap and their inputs moved on)."""
+        before = {c.key: c for c in candidates}
+        fresh = []
+        for c in self._candidates(metadata):
+            old = before.get(c.key)
+            if old is not None and old.endpoint is c.endpoint:
+                old.metadata, old.metrics = c.metadata, c.metrics
+                c = old
+            fresh.append(c)
+        if not fresh:
+            raise E.unavailable(E.MSG_NO_CANDIDATES)
+        self._run_producers(rt, cycle, req, fresh, sync_only=True)
+        return fresh
+
     def _conclude(self, rt: _Runtime, req: InferenceRequest, candidates: list[Candidate], cycle: CycleState,
-                  headers: Mapping[str, str], strip: list[str], t0: float, admitted: bool = False) -> "RequestContext":
+                  headers: Mapping[str, str], strip: list[str], t0: float, admitted: bool = False,
+                  ticket: FlowTicket | None = None) -> "RequestContext":
         """Admission (unless done before a wait), the scheduler, the pre-request hooks and the
         request's context."""
         model, target = req.incoming_model, req.target_model
@@ -329,9 +424,14 @@ class Director:
             body_out = reserialize(payload, target)
         ctx = RequestContext(self, rt, req, result, dest, body_out, t0, timed)
         ctx.strip = strip
-        total_s = time.perf_counter() - t0
+        queue_s = 0.0
+        if ticket is not None:
+            ticket.scheduled((targets[0].key,))  # the primary target: where the request goes
+            ctx.flow = ticket
+            queue_s = ticket.queue_time
+        total_s = time.perf_counter() - t0 - queue_s
         decision = Decision(wall_time(), req.request_id, model, target, req.priority, len(candidates), result,
-                            dest, sched_s, total_s)
+                            dest, sched_s, total_s, queue_s)
         self.decisions.add(decision)
         if self.options.enable_debug_headers and headers.get(DEBUG_REQUEST_HEADER) == "1":
             ctx.debug_value = debug_header_value(decision)
@@ -360,8 +460,11 @@ class Director:
                 endpoints = filter_by_subset(endpoints, entries) if entries else []
         return [Candidate(ep) for ep in endpoints]
 
-    def _run_producers(self, rt: _Runtime, cycle: CycleState, req: InferenceRequest, cands: list[Candidate]) -> None:
+    def _run_producers(self, rt: _Runtime, cycle: CycleState, req: InferenceRequest, cands: list[Candidate],
+                       sync_only: bool = False) -> None:
         for producer in rt.producers:
+            if sync_only and isinstance(producer, AsyncDataProducer):
+                continue
             try:
                 producer.produce(cycle, req, cands)
             except Exception:
@@ -381,8 +484,8 @@ class Director:
             except Exception:
                 self._warn_once(producer, "produce")
 
-    def _admit(self, rt: _Runtime, req: InferenceRequest, cands: list[Candidate]) -> None:
-        if req.priority < 0:  # only sheddable requests are checked (upstream legacy admission)
+    def _admit(self, rt: _Runtime, req: InferenceRequest, cands: list[Candidate], legacy: bool = True) -> None:
+        if legacy and req.priority < 0:  # only sheddable requests are checked (upstream legacy admission)
             try:
                 denied = rt.admission.check(req, cands)
             except Exception:
@@ -413,7 +516,7 @@ class RequestContext:
     """One scheduled request, from the pick to the end of its response."""
 
     __slots__ = ("director", "rt", "request", "result", "target", "body_out", "started", "response",
-                 "debug_value", "done", "timed", "strip", "_reader", "_reverse", "_usage_done")
+                 "debug_value", "done", "timed", "strip", "flow", "_reader", "_reverse", "_usage_done")
 
     def __init__(self, director: Director, rt: _Runtime, request: InferenceRequest, result: SchedulingResult,
                  target: str, body_out: bytes | None, started: float, timed: bool = False) -> None:
@@ -428,6 +531,7 @@ class RequestContext:
         self.response = InferenceResponse(request.request_id)
         self.debug_value: str | None = None
         self.strip: list[str] = []  # control headers to remove from the routed request
+        self.flow: FlowTicket | None = None  # set when flow control let it through
         self.done = False
         self._reader: UsageReader | None = None
         self._reverse = (ResponseModelReverser(request.incoming_model, request.target_model)
@@ -469,6 +573,8 @@ class RequestContext:
         added = dict(resp.added_headers)
         if self.debug_value is not None:
             added[DEBUG_RESPONSE_HEADER] = self.debug_value
+        if self.flow is not None:  # upstream's header: integer milliseconds spent in flow control
+            added[QUEUE_DURATION_HEADER] = str(int(self.flow.queue_time * 1000))
         if end_of_stream:
             resp.end_of_stream = True
             self.complete("complete")
@@ -521,6 +627,8 @@ class RequestContext:
         self.done = True
         director = self.director
         director.in_flight -= 1
+        if self.flow is not None:
+            self.flow.finish()  # capacity is back: flow control may release the next request
         req, resp = self.request, self.response
         resp.outcome = outcome
         model, target = req.incoming_model, req.target_model

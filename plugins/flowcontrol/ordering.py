@@ -8,7 +8,6 @@ from typing import Any
 from epp.framework import register
 from epp.framework.flowcontrol import OrderingPolicy, QueueItem
 
-SLO_TTFT_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")  # new name first; the old one still accepted
 
 
 @register("fcfs-ordering-policy")
@@ -35,17 +34,7 @@ class SLODeadlineOrdering(OrderingPolicy):
     ``x-slo-ttft-ms``); a missing or invalid value sorts last; ties in arrival order."""
 
     def sort_key(self, item: QueueItem) -> Any:
-        headers = item.request.headers
-        for name in SLO_TTFT_HEADERS:
-            raw = headers.get(name)
-            if raw is None:
-                continue
-            try:
-                ms = float(raw.strip())
-            except ValueError:
-                return math.inf
-            if not math.isfinite(ms) or ms <= 0:
-                return math.inf
-            received = item.request.received_at or item.enqueued_at
-            return received + ms / 1000.0
-        return math.inf
+        ms = item.request.slo_ttft_ms  # read from the headers by the Director (0 = none or invalid)
+        if ms <= 0:
+            return math.inf
+        return (item.request.received_at or item.enqueued_at) + ms / 1000.0

@@ -4,7 +4,6 @@ channel: the new name wins, both are read, and none reaches the model server."""
 from __future__ import annotations
 
 import json
-from typing import Callable
 
 import grpc
 import pytest
@@ -12,7 +11,7 @@ from extproc_support import REQ_HEADERS, EppThread, body_msg, completion_body, h
     new_director, stub_for
 
 from epp.framework.headers import CONTROL_HEADERS
-from epp.framework.types import Candidate, InferenceRequest
+from epp.framework.types import InferenceRequest
 
 
 def _route(epp: EppThread, headers: dict[str, str], body: bytes | None = None) -> list:
@@ -27,10 +26,18 @@ class SeenRequests:
     def __init__(self) -> None:
         self.requests: list[InferenceRequest] = []
 
-    async def wait_for_dispatch(self, request: InferenceRequest, candidates: list[Candidate],
-                                current_candidates: Callable[[], list[Candidate]]) -> list[Candidate]:
+    waited = False
+    queue_time = 0.0
+
+    async def wait_for_dispatch(self, request: InferenceRequest) -> "SeenRequests":
         self.requests.append(request)
-        return candidates
+        return self  # a ticket that is never queued
+
+    def scheduled(self, targets) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 @pytest.mark.parametrize("headers,objective,fairness,ttft,tpot", [

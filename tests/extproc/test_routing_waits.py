@@ -68,22 +68,37 @@ class HoldingProducer(AsyncDataProducer):
         self.finished.append(key)
 
 
+class Ticket:
+    def __init__(self, waited: bool) -> None:
+        self.waited = waited
+        self.queue_time = 0.0
+        self.targets: tuple[str, ...] = ()
+        self.finished = False
+
+    def scheduled(self, targets) -> None:
+        self.targets = tuple(targets)
+
+    def finish(self) -> None:
+        self.finished = True
+
+
 class HoldingGate:
-    """A flow gate that holds requests carrying ``test-hold`` until released, then schedules
-    on the pool as it is at release time; ``test-reject`` is refused with a 429."""
+    """A flow gate that holds requests carrying ``test-hold`` until released (the Director
+    then schedules on the pool as it is at release time); ``test-reject`` is refused with a 429."""
 
     def __init__(self) -> None:
         self.release: asyncio.Future | None = None
         self.held = threading.Event()
         self.cancelled = 0
+        self.tickets: list[Ticket] = []
 
-    async def wait_for_dispatch(self, request: InferenceRequest, candidates: list[Candidate],
-                                current_candidates: Callable[[], list[Candidate]]) -> list[Candidate]:
+    async def wait_for_dispatch(self, request: InferenceRequest) -> Ticket:
         if request.headers.get("test-reject"):
             raise RequestError("ResourceExhausted", "queue full", status=429,
                                headers={"x-llm-d-request-dropped-reason": "rejected-saturated"})
         if not request.headers.get("test-hold"):
-            return candidates
+            self.tickets.append(Ticket(False))
+            return self.tickets[-1]
         self.release = asyncio.get_running_loop().create_future()
         self.held.set()
         try:
@@ -91,7 +106,8 @@ class HoldingGate:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
-        return current_candidates()
+        self.tickets.append(Ticket(True))
+        return self.tickets[-1]
 
 
 def _director(producer: HoldingProducer | None = None, *, prefer_port: int = 0, pool=None) -> Director:
@@ -202,6 +218,8 @@ def test_flow_gate_releases_onto_the_pool_as_it_is_then():
         assert _dest(next(call)) == "10.0.0.1:8002"
         ch.close()
         assert epp.wait_idle()
+        (ticket,) = gate.tickets
+        assert ticket.targets == ("10.0.0.1:8002",) and ticket.finished  # booked, then released
 
 
 def test_flow_gate_rejection_is_an_immediate_response_with_its_header():

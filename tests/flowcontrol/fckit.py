@@ -11,6 +11,7 @@ from epp.datalayer.pool import EndpointPool
 from epp.flowcontrol.controller import FlowController
 from epp.flowcontrol.settings import BandSettings, FlowControlSettings
 from epp.framework import SaturationDetector
+from epp.framework.headers import read_control_headers
 from epp.framework.types import InferenceRequest
 from plugins.flowcontrol.fairness import GlobalStrictFairness, RoundRobinFairness
 from plugins.flowcontrol.ordering import EDFOrdering, FCFSOrdering, SLODeadlineOrdering
@@ -70,6 +71,7 @@ def request(i: int, *, headers: dict[str, str] | None = None, model: str = "m") 
     r = InferenceRequest(request_id=f"r{i}", headers=headers or {}, body=b"x" * 10)
     r.incoming_model = r.target_model = model
     r.received_at = now()
+    read_control_headers(r, r.headers)  # as the Director does
     return r
 
 

@@ -33,6 +33,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "collector": ("epp.bench.collector", "run_collector_bench"),
     "streaming": ("epp.bench.streaming", "run_streaming_bench"),
     "kv-publisher": ("epp.bench.kvpublisher", "run_kv_publisher_bench"),
+    "flowcontrol": ("epp.bench.flowcontrol", "run_flowcontrol_bench"),
     "quality": ("epp.bench.quality", "run_quality_bench"),
 }
 

@@ -116,10 +116,16 @@ class Defaults:
                 profile.refs.append(ProfileRef(f"{profile.path}.plugins[{len(profile.refs)}]", pickers[0].name))
 
     def _flow_control(self) -> None:
-        if "flowControl" not in self.spec.feature_gates:
-            return
         fc = self.spec.flow_control
         bands = [] if fc is None else [b for b in (*fc.bands, fc.default_band, fc.negative_band) if b is not None]
+        # Beyond upstream: a reference to a policy *type* nobody declared gets an instance with
+        # default parameters (upstream requires a plugins entry for it).
+        refs = [b.fairness_ref for b in bands] + [b.ordering_ref for b in bands] + [fc.usage_limit_ref if fc else None]
+        for ref in refs:
+            if ref and ref not in self.plugins.by_name and ref in self.plugins.registry:
+                self.add(ref, "referenced by flowControl")
+        if "flowControl" not in self.spec.feature_gates:
+            return
         template_given = fc is not None and fc.default_band is not None
         needed = {
             DEFAULT_FAIRNESS_POLICY: not template_given or any(not b.fairness_ref for b in bands),
@@ -129,12 +135,6 @@ class Defaults:
         for policy in FLOW_CONTROL_DEFAULTS:
             if needed[policy]:
                 self.add(policy, "flow-control default")
-        # Beyond upstream: a reference to a policy *type* nobody declared gets an instance with
-        # default parameters (upstream requires a plugins entry for it).
-        refs = [b.fairness_ref for b in bands] + [b.ordering_ref for b in bands] + [fc.usage_limit_ref if fc else None]
-        for ref in refs:
-            if ref and ref not in self.plugins.by_name and ref in self.plugins.registry:
-                self.add(ref, "referenced by flowControl")
 
     def _parser(self) -> None:
         if self.spec.parser_ref is None:

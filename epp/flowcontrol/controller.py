@@ -39,7 +39,7 @@ from epp.flowcontrol import outcomes as oc
 from epp.flowcontrol.outcomes import Outcome
 from epp.flowcontrol.queue import DONE, HANDOFF, IN_FLIGHT, QUEUED, FlowItem
 from epp.flowcontrol.registry import BandState, FlowRegistry
-from epp.flowcontrol.saturation import DispatchLedger, pool_saturation
+from epp.flowcontrol.saturation import DispatchLedger, StageCache, pool_saturation
 from epp.flowcontrol.settings import FlowControlSettings
 from epp.flowcontrol.telemetry import FlowMetrics
 from epp.framework.flowcontrol import FlowKey
@@ -69,6 +69,7 @@ def request_ttl(headers: Mapping[str, str]) -> float | None:
 # next release (a safety net; the Director always reports back).
 HANDOFF_GRACE = 0.5
 GC_EVERY = 30.0
+GAUGE_EVERY = 0.05
 
 
 class FlowController:
@@ -86,6 +87,8 @@ class FlowController:
         self.outcomes: Counter[str] = Counter()
         self.last_saturation = 0.0
         self.last_stages: dict[str, float] = {}
+        self._stages = StageCache()
+        self._gauge_at = -math.inf
         self._seq = 0
         self._handoff = 0
         self._handoff_since = 0.0
@@ -113,8 +116,6 @@ class FlowController:
         """
         t0 = time.perf_counter()
         t = self._clock()
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
         if fairness_id is None:
             fairness_id = request.fairness_id or DEFAULT_FAIRNESS_ID
         if priority is None:
@@ -139,7 +140,7 @@ class FlowController:
 
         endpoints = self._locate()
         self._set_regime(not endpoints, t)
-        if not reg.len and not self._holding(t) and endpoints and self._may_dispatch(band, endpoints):
+        if not reg.len and not self._holding(t) and endpoints and self._may_dispatch(band, endpoints, t):
             self._release(item, t)
             self.metrics.enqueue_decision(item, Outcome.DISPATCHED.value, time.perf_counter() - t0)
             return item
@@ -154,6 +155,8 @@ class FlowController:
             self._warn_once(band.ordering.name, "ordering policy %s failed", band.ordering.name)
             self._end(item, Outcome.REJECTED_OTHER, 0.0)
             raise oc.internal(f"ordering policy {band.ordering.name!r} failed: {type(e).__name__}: {e}") from None
+        if self._loop is None:  # needed from here on: timers, futures, deferred cycles
+            self._loop = asyncio.get_running_loop()
         reg.add(band, item)
         self.metrics.queued(item)
         self.metrics.capacity(reg, band)
@@ -168,7 +171,7 @@ class FlowController:
             if item.state == DONE:  # cannot happen today (a cycle only releases); kept honest
                 raise oc.internal("request ended while being queued")
             return item
-        fut = item.future = self._loop.create_future()
+        fut = item.future = self._loop.create_future()  # type: ignore[union-attr]
         try:
             await fut
         except asyncio.CancelledError:
@@ -220,15 +223,17 @@ class FlowController:
                         HANDOFF_GRACE)
         return False
 
-    def _measure(self, endpoints: Sequence[Endpoint]) -> tuple[float, list[int], Sequence[float]]:
+    def _measure(self, endpoints: Sequence[Endpoint], t: float) -> tuple[float, list[int], Sequence[float]]:
         try:
-            sat, stages = pool_saturation(self.settings.detector, endpoints, self.ledger)
+            sat, stages = pool_saturation(self.settings.detector, endpoints, self.ledger, self._stages)
         except Exception:
             self._warn_once(self.settings.detector.name, "saturation detector %s failed; treating the pool as "
                             "saturated", self.settings.detector.name)
             sat, stages = 1.0, {}
         self.last_saturation, self.last_stages = sat, stages
-        self.metrics.saturation(sat, stages)
+        if t - self._gauge_at >= GAUGE_EVERY:  # a gauge, not a log: the latest value every 50 ms will do
+            self._gauge_at = t
+            self.metrics.saturation(sat, stages)
         prios = self.registry.priorities
         try:
             ceilings = self.settings.usage_limit.ceilings(sat, prios)
@@ -238,9 +243,9 @@ class FlowController:
             ceilings = [1.0] * len(prios)
         return sat, prios, ceilings
 
-    def _may_dispatch(self, band: BandState, endpoints: Sequence[Endpoint]) -> bool:
+    def _may_dispatch(self, band: BandState, endpoints: Sequence[Endpoint], t: float) -> bool:
         """The fast path's question: with nothing queued, may a request of ``band`` go now?"""
-        sat, prios, ceilings = self._measure(endpoints)
+        sat, prios, ceilings = self._measure(endpoints, t)
         for prio, ceiling in zip(prios, ceilings):
             if sat >= ceiling:
                 return False  # head-of-line: a band above (or this one) is gated
@@ -267,7 +272,7 @@ class FlowController:
         if not endpoints:
             return  # queued requests wait for endpoints (noEndpointRequestTTL)
         t0 = time.perf_counter()
-        sat, prios, ceilings = self._measure(endpoints)
+        sat, prios, ceilings = self._measure(endpoints, t)
         for prio, ceiling in zip(prios, ceilings):
             if sat >= ceiling:
                 break  # head-of-line blocking: lower bands must not take what this one cannot

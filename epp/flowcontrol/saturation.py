@@ -101,10 +101,27 @@ def _stages(endpoints: Sequence[Endpoint]) -> list[tuple[str, list[Endpoint]]] |
     return out or None
 
 
-def pool_saturation(detector: SaturationDetector, endpoints: Sequence[Endpoint],
-                    ledger: DispatchLedger) -> tuple[float, dict[str, float]]:
+class StageCache:
+    """The stage split of the last endpoint list seen: the pool hands out the same tuple until
+    it changes, so the split is recomputed only then."""
+
+    __slots__ = ("_endpoints", "_stages")
+
+    def __init__(self) -> None:
+        self._endpoints: Sequence[Endpoint] | None = None
+        self._stages: list[tuple[str, list[Endpoint]]] | None = None
+
+    def __call__(self, endpoints: Sequence[Endpoint]) -> list[tuple[str, list[Endpoint]]] | None:
+        if endpoints is not self._endpoints or not isinstance(endpoints, tuple):
+            self._stages = _stages(endpoints)
+            self._endpoints = endpoints
+        return self._stages
+
+
+def pool_saturation(detector: SaturationDetector, endpoints: Sequence[Endpoint], ledger: DispatchLedger,
+                    stages_of: StageCache | None = None) -> tuple[float, dict[str, float]]:
     """(effective saturation, per-stage saturations) over ``endpoints``."""
-    stages = _stages(endpoints)
+    stages = stages_of(endpoints) if stages_of is not None else _stages(endpoints)
     if stages is None:
         sat = _measure(detector, endpoints, ledger)
         return sat, {}

@@ -43,6 +43,7 @@ class FlowMetrics:
         self._fid = _Cap()
         self._model = _Cap()
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._labels: dict[tuple[Any, tuple[str, str]], tuple[str, str, str, str, str]] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (metric, labels)
@@ -52,13 +53,19 @@ class FlowMetrics:
         return child
 
     def _flow_labels(self, item: FlowItem) -> tuple[str, str, str, str, str]:
-        model, target = item.labels
-        return (self._fid(item.key.id), str(item.key.priority), self.pool, self._model(model), self._model(target))
+        key = (item.key, item.labels)
+        labels = self._labels.get(key)
+        if labels is None:
+            model, target = item.labels
+            labels = (self._fid(item.key.id), str(item.key.priority), self.pool, self._model(model), self._model(target))
+            if len(self._labels) < 4 * LABEL_CAP:
+                self._labels[key] = labels
+        return labels
 
     # --- per request ---------------------------------------------------------------------------
     def enqueue_decision(self, item: FlowItem, outcome: str, seconds: float) -> None:
-        deferred.observe(self._child(m.FC_ENQUEUE_DURATION, self._fid(item.key.id), str(item.key.priority), outcome),
-                         seconds)
+        fid, prio = self._flow_labels(item)[:2]
+        deferred.observe(self._child(m.FC_ENQUEUE_DURATION, fid, prio, outcome), seconds)
 
     def queued(self, item: FlowItem) -> None:
         labels = self._flow_labels(item)
@@ -103,6 +110,7 @@ class FlowMetrics:
         if fid == OTHER:
             return  # shared with other flows
         for model, target in q.labels:
+            self._labels.pop((q.key, (model, target)), None)
             labels = (fid, str(q.key.priority), self.pool, self._model(model), self._model(target))
             for metric in (m.FC_QUEUE_SIZE, m.FC_QUEUE_BYTES):
                 self._children.pop((metric, labels), None)

@@ -88,3 +88,12 @@ def test_idle_penalty_measures_the_real_request_path() -> None:
     assert r["in_flight_after_requests"] == 0
     assert r["bytes_written"] > 40 * 500
     assert "after idle" in markdown(r)
+
+
+def test_flowcontrol_smoke(tmp_path: Path) -> None:
+    bench(tmp_path, "flowcontrol")
+    result = json.loads((tmp_path / "flowcontrol" / "result.json").read_text())
+    assert result["queued_after_parking"] == result["parked"] > 0  # every request waited
+    assert result["left_queued"] == 0 and result["left_in_flight"] == 0  # and every one was released
+    assert result["outcomes"]["Dispatched"] == result["parked"] + 32
+    assert "memory per parked request" in (tmp_path / "flowcontrol" / "summary.md").read_text()

@@ -61,7 +61,7 @@ def _make_discovery(options: ServeOptions, config: LoadedConfig) -> Any:
         return config.discovery
     if not options.endpoints and not options.endpoints_file:
         return None
-    from epp.datalayer.discovery import StaticDiscovery
+    from epp.discovery.static import StaticDiscovery
 
     return StaticDiscovery.from_options(options.endpoints, options.endpoints_file)
 

@@ -1,13 +1,13 @@
 """``static-discovery``: the flag/file discovery as a plugin, for ``discovery: {pluginRef}``.
 
-Same behaviour as ``--endpoint`` / ``--endpoints-file`` (see ``epp.datalayer.discovery``).
+Same behaviour as ``--endpoint`` / ``--endpoints-file`` (see ``epp.discovery.static``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from epp.datalayer.discovery import DiscoveryError, StaticDiscovery, parse_endpoint_flag
+from epp.discovery.static import DiscoveryError, StaticDiscovery, parse_endpoint_flag
 from epp.framework import Duration, register
 from epp.framework.plugin import Handle
 

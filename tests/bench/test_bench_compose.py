@@ -24,7 +24,7 @@ import yaml
 
 from epp import cli as epp_cli
 from epp.config.loader import load_config
-from epp.datalayer.discovery import parse_endpoints_document
+from epp.discovery.static import parse_endpoints_document
 from epp.envoyconfig import validate as envoy_validate
 from epp.observability.metrics import REGISTRY
 from epp.sim import cli as sim_cli

@@ -10,7 +10,7 @@ import pytest
 from dl_helpers import close_all, plugin, wait_until, wiring
 
 from epp.datalayer.collector import Collector
-from epp.datalayer.discovery import DiscoveryError, StaticDiscovery, parse_endpoint_flag, parse_endpoints_document
+from epp.discovery.static import DiscoveryError, StaticDiscovery, parse_endpoint_flag, parse_endpoints_document
 from epp.datalayer.pool import EndpointPool
 from epp.framework import registry
 
@@ -157,7 +157,7 @@ async def test_hot_reload_reaches_the_collector(tmp_path, servers):
     try:
         await wait_until(lambda: pool.synced, what="first load")
         _write(path, _eps(b.port))
-        await wait_until(lambda: pool.get(f"127.0.0.1:{b.port}") is not None, timeout=1.0, what="b discovered")
+        await wait_until(lambda: pool.get(f"127.0.0.1:{b.port}") is not None, what="b discovered")
         ep_b = pool.get(f"127.0.0.1:{b.port}")
         await wait_until(lambda: ep_b.metrics.update_time > 0, what="b scraped")
         assert col.endpoints == [ep_b.key]

@@ -51,11 +51,10 @@ REJECTED_METRIC_FLAGS = (
     "cache-info-metric",
 )
 # Upstream flags accepted so that existing command lines keep working, with no effect here.
-IGNORED_BOOL_FLAGS = ("tracing", "enable-pprof", "metrics-endpoint-auth", "ha-enable-leader-election",
+IGNORED_BOOL_FLAGS = ("tracing", "enable-pprof", "metrics-endpoint-auth",
                       "model-server-metrics-https-insecure-skip-verify")
-IGNORED_VALUE_FLAGS = ("pool-group", "model-server-metrics-scheme", "model-server-metrics-path",
+IGNORED_VALUE_FLAGS = ("model-server-metrics-scheme", "model-server-metrics-path",
                        "model-server-metrics-port", "zap-log-level")
-KUBERNETES_ONLY_FLAGS = ("endpoint-selector", "endpoint-target-ports")
 
 
 class UsageError(Exception):
@@ -99,6 +98,19 @@ def host_port(text: str) -> str:
     return text
 
 
+def port_list(text: str) -> list[int]:
+    """``8000`` or ``8000,8001`` (Go IntSlice; the flag may also be repeated)."""
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected port numbers like 8000,8001, got {text!r}") from None
+
+
+class _ExtendPorts(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, ns: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(ns, self.dest, [*(getattr(ns, self.dest) or []), *values])
+
+
 def log_format(text: str) -> str:
     value = "text" if text == "console" else text
     if value not in LOG_FORMATS:
@@ -112,8 +124,6 @@ def log_format(text: str) -> str:
 class _RejectedFlag(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, ns: Any, values: Any, option_string: str | None = None) -> None:
         name = (option_string or self.dest).lstrip("-")
-        if name in KUBERNETES_ONLY_FLAGS:
-            parser.error(f'flag "{name}" needs Kubernetes pod discovery; use --endpoint or --endpoints-file instead')
         parser.error(
             f'flag "{name}" is deprecated and cannot be used; configure metrics via engineConfigs in '
             "EndpointPickerConfig instead (parameters of the core-metrics-extractor plugin)"
@@ -162,15 +172,38 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="a model server to route to (repeatable; static discovery)")
     g.add_argument("--endpoints-file", metavar="FILE",
                    help="YAML list of model servers, watched for changes (static discovery)")
-    g.add_argument("--pool-name", default=d.pool_name, metavar="NAME", help="pool name used in metric labels")
-    g.add_argument("--pool-namespace", default=None, metavar="NAMESPACE",
-                   help="pool namespace used in metric labels (default $NAMESPACE, else 'default')")
     g.add_argument("--refresh-metrics-interval", type=duration, default=d.refresh_metrics_interval, metavar="DURATION",
                    help="how often each endpoint is scraped (default 50ms)")
     g.add_argument("--refresh-prometheus-metrics-interval", type=duration, metavar="DURATION",
                    default=d.refresh_prometheus_metrics_interval, help="how often pool gauges are refreshed (default 5s)")
     g.add_argument("--metrics-staleness-threshold", type=duration, default=d.metrics_staleness_threshold,
                    metavar="DURATION", help="metrics older than this count as stale (default 2s)")
+
+    g = p.add_argument_group("Kubernetes discovery (instead of --endpoint / --endpoints-file)")
+    g.add_argument("--pool-name", default=d.pool_name, metavar="NAME",
+                   help="the InferencePool to serve: its pods become the endpoints")
+    g.add_argument("--pool-namespace", default=None, metavar="NAMESPACE",
+                   help="namespace of the pool and its pods (default $NAMESPACE, else 'default')")
+    g.add_argument("--pool-group", default=d.pool_group, metavar="GROUP",
+                   help="InferencePool API group: inference.networking.k8s.io (v1, default) or "
+                        "inference.networking.x-k8s.io (legacy v1alpha2)")
+    g.add_argument("--endpoint-selector", default=d.endpoint_selector, metavar="SELECTOR",
+                   help="standalone mode, no InferencePool: pods matching this label selector (e.g. 'app=vllm')")
+    g.add_argument("--endpoint-target-ports", type=port_list, action=_ExtendPorts, default=[], metavar="PORTS",
+                   help="standalone mode: the model-server ports of each pod, e.g. 8000 or 8000,8001 (1-8)")
+    g.add_argument("--kubeconfig", default=None, metavar="FILE",
+                   help="credentials; default $KUBECONFIG, else the in-cluster service account, else ~/.kube/config")
+    _bool_flag(g, "--ha-enable-leader-election", d.ha_enable_leader_election,
+               "several replicas: only the holder of the Lease epp-<namespace>-<pool>.llm-d.ai reports ready")
+    g.add_argument("--leader-election-lease-duration", dest="lease_duration", type=duration, default=d.lease_duration,
+                   metavar="DURATION", help="how long a Lease holds without renewal (default 15s)")
+    g.add_argument("--leader-election-renew-deadline", dest="renew_deadline", type=duration,
+                   default=d.renew_deadline, metavar="DURATION",
+                   help="the leader steps down if it cannot renew within this (default 10s)")
+    g.add_argument("--leader-election-retry-period", dest="retry_period", type=duration, default=d.retry_period,
+                   metavar="DURATION", help="how often the Lease is renewed or tried (default 2s)")
+    g.add_argument("--drain-timeout", type=duration, default=d.drain_timeout, metavar="DURATION",
+                   help="after SIGTERM: report NOT_SERVING, release the Lease, keep serving this long (default 30s)")
 
     g = p.add_argument_group("request handling")
     _bool_flag(g, "--disable-endpoint-subset-filter", d.disable_endpoint_subset_filter,
@@ -201,7 +234,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-format", "--zap-encoder", dest="log_format", type=log_format, default=d.log_format,
                    metavar="{text,json}", help="log line format (default %(default)s)")
 
-    for flag in REJECTED_METRIC_FLAGS + KUBERNETES_ONLY_FLAGS:
+    for flag in REJECTED_METRIC_FLAGS:
         p.add_argument(f"--{flag}", action=_RejectedFlag, nargs="?", help=argparse.SUPPRESS)
     for flag in IGNORED_BOOL_FLAGS:
         p.add_argument(f"--{flag}", action=_IgnoredFlag, nargs="?", help=argparse.SUPPRESS)
@@ -229,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the Endpoint Picker (default)", allow_abbrev=False,
         description="Run the Endpoint Picker: ext_proc gRPC server, health, metrics, endpoint data collection.",
         epilog="Accepted for upstream compatibility with no effect: --tracing, --enable-pprof, --metrics-endpoint-auth, "
-               "--ha-enable-leader-election, --pool-group, --model-server-metrics-*. Rejected: the deprecated "
+               "--model-server-metrics-*. Rejected: the deprecated "
                "--*-metric flags (configure metrics in the config file).",
     )
     _add_serve_flags(serve)

@@ -54,10 +54,24 @@ class ServeOptions:
     refresh_metrics_interval: float = 0.05
     refresh_prometheus_metrics_interval: float = 5.0
     metrics_staleness_threshold: float = 2.0
-    pool_name: str = ""
-    pool_namespace: str = field(default_factory=default_namespace)
     endpoints_file: str | None = None  # static discovery, watched
     endpoints: list[str] = field(default_factory=list)  # HOST:PORT, static discovery
+
+    # Kubernetes discovery (upstream's flags): --pool-name (an InferencePool) or
+    # --endpoint-selector + --endpoint-target-ports (standalone), in --pool-namespace.
+    pool_name: str = ""
+    pool_namespace: str = field(default_factory=default_namespace)
+    pool_group: str = "inference.networking.k8s.io"
+    endpoint_selector: str = ""
+    endpoint_target_ports: list[int] = field(default_factory=list)
+    kubeconfig: str | None = None  # else $KUBECONFIG, the in-cluster service account, ~/.kube/config
+
+    # high availability: one active replica per pool through a coordination.k8s.io Lease
+    ha_enable_leader_election: bool = False
+    lease_duration: float = 15.0  # controller-runtime's defaults
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    drain_timeout: float = 30.0  # after SIGTERM: NOT_SERVING, lease released, ext_proc served this long
 
     # request path
     disable_endpoint_subset_filter: bool = False
@@ -77,8 +91,13 @@ class ServeOptions:
     verbosity: int = 2  # upstream --v: 2 default, 3 verbose, 4 debug, 5 trace
     log_format: str = "text"
 
+    @property
+    def kubernetes_discovery(self) -> bool:
+        return bool(self.pool_name or self.endpoint_selector)
+
     def validate(self) -> None:
         """Raise OptionsError for values the server cannot use."""
+        self._validate_discovery()
         if self.config_file and self.config_text:
             raise OptionsError("both the 'config-file' and 'config-text' flags cannot be set at the same time")
         if self.config_reload and not self.config_file:
@@ -111,6 +130,38 @@ class ServeOptions:
             raise OptionsError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         if self.enable_cert_reload and not self.cert_path:
             raise OptionsError("--enable-cert-reload needs --cert-path")
+
+    def _validate_discovery(self) -> None:
+        # Upstream's rule: exactly one of --pool-name and --endpoint-selector; ours on top: one
+        # discovery source at a time (Kubernetes, or the static flags/file).
+        if self.pool_name and self.endpoint_selector:
+            raise OptionsError("exactly one of --pool-name and --endpoint-selector must be set (got both)")
+        if self.endpoint_target_ports and not self.endpoint_selector:
+            raise OptionsError("--endpoint-target-ports is only used with --endpoint-selector")
+        if self.endpoint_selector:
+            from epp.discovery.kubernetes import validate_standalone
+
+            try:
+                validate_standalone(self.endpoint_selector, tuple(self.endpoint_target_ports))
+            except ValueError as e:
+                raise OptionsError(str(e)) from None
+        if self.kubernetes_discovery and (self.endpoints or self.endpoints_file):
+            k8s = "--pool-name" if self.pool_name else "--endpoint-selector"
+            static = "--endpoint" if self.endpoints else "--endpoints-file"
+            raise OptionsError(f"{k8s} (Kubernetes discovery) and {static} (static discovery) are two discovery "
+                               "sources; use one")
+        from epp.discovery.resources import INFERENCE_POOLS
+
+        if self.pool_group not in INFERENCE_POOLS:
+            raise OptionsError(f"--pool-group {self.pool_group!r} is not supported; use one of "
+                               f"{', '.join(INFERENCE_POOLS)}")
+        if self.ha_enable_leader_election and not self.pool_name:
+            raise OptionsError("--ha-enable-leader-election needs --pool-name (the Lease is named after the pool)")
+        if not 0 < self.retry_period < self.renew_deadline < self.lease_duration:
+            raise OptionsError("leader election needs 0 < retry period < renew deadline < lease duration, got "
+                               f"{self.retry_period:g}s, {self.renew_deadline:g}s, {self.lease_duration:g}s")
+        if self.drain_timeout < 0:
+            raise OptionsError("--drain-timeout must not be negative")
 
     def runtime_settings(self) -> RuntimeSettings:
         return RuntimeSettings(

@@ -56,14 +56,40 @@ async def _close_plugins(config: LoadedConfig) -> None:
 
 
 def _make_discovery(options: ServeOptions, config: LoadedConfig) -> Any:
-    """The configured discovery plugin, else static discovery from the flags (or None)."""
+    """The one discovery source: the config's discovery plugin, Kubernetes (--pool-name /
+    --endpoint-selector), or static (--endpoint / --endpoints-file); None if there is none."""
+    flags = [f for f, given in (("--pool-name", options.pool_name), ("--endpoint-selector", options.endpoint_selector),
+                                ("--endpoint", options.endpoints), ("--endpoints-file", options.endpoints_file))
+             if given]
     if config.discovery is not None:
+        if flags:
+            raise ConfigError([f"discovery: the config's discovery plugin {config.discovery.name!r} and {flags[0]} "
+                               "are two discovery sources; use one"])
         return config.discovery
+    if options.kubernetes_discovery:
+        return _make_kubernetes_discovery(options)
     if not options.endpoints and not options.endpoints_file:
         return None
     from epp.discovery.static import StaticDiscovery
 
     return StaticDiscovery.from_options(options.endpoints, options.endpoints_file)
+
+
+def _make_kube_client(options: ServeOptions) -> Any:
+    from epp.discovery.kubeclient import KubeClient, KubeConfigError
+
+    try:
+        return KubeClient.from_options(options.kubeconfig)
+    except KubeConfigError as e:
+        raise ConfigError([f"Kubernetes discovery: {e}"]) from None
+
+
+def _make_kubernetes_discovery(options: ServeOptions) -> Any:
+    from epp.discovery.kubernetes import KubernetesDiscovery
+
+    return KubernetesDiscovery(_make_kube_client(options), options.pool_namespace, pool_name=options.pool_name,
+                               pool_group=options.pool_group, endpoint_selector=options.endpoint_selector,
+                               target_ports=tuple(options.endpoint_target_ports))
 
 
 def _make_collector(options: ServeOptions, pool: EndpointPool, config: LoadedConfig) -> Any:
@@ -97,6 +123,7 @@ class EppServer:
         self.grpc_port = self.health_port = self.metrics_port = 0
         self._collector: Any = None
         self._discovery: Any = None
+        self.health: HealthService | None = None
         self._tasks: list[asyncio.Task] = []
         self._http: Any = None
         self._reload_lock = asyncio.Lock()
@@ -112,7 +139,10 @@ class EppServer:
         await _start_plugins(config, self.pool, self.settings)
 
         self._discovery = _make_discovery(opts, config)
-        if self._discovery is not None:
+        if self._discovery is not None and hasattr(self._discovery, "ready"):
+            # Kubernetes: the API server may be slow or away; health says when the pool is known.
+            self._start_background_discovery(self._discovery)
+        elif self._discovery is not None:
             await self._start_discovery(self._discovery)
         else:
             log.warning("no endpoint discovery configured (--endpoint / --endpoints-file): every request gets 503")
@@ -130,7 +160,7 @@ class EppServer:
         stream_settings = StreamSettings(max_body_bytes=opts.max_request_body_bytes,
                                          request_timeout=opts.request_timeout or 1e9)
         service = ExtProcService(self.director, stream_settings)
-        health = HealthService(lambda: self.pool.synced)
+        self.health = health = HealthService(self.ready)
         self.grpc = await start_grpc_servers(service, health, host=opts.bind_address, port=opts.grpc_port,
                                              health_port=opts.grpc_health_port, secure=opts.secure_serving,
                                              cert_path=opts.cert_path, max_body_bytes=opts.max_request_body_bytes,
@@ -139,7 +169,8 @@ class EppServer:
 
         director = self.director
         state = DebugState(self.pool, lambda: director.decisions, lambda: director.in_flight,
-                           plugins=lambda: list(director.config.plugins.values()), flow=director.flow_snapshot)
+                           plugins=lambda: list(director.config.plugins.values()), flow=director.flow_snapshot,
+                           discovery=self.discovery_status)
         self._http, self.metrics_port = await start_http_server(state, opts.bind_address, opts.metrics_port)
         gauges = PoolGauges(self.pool, opts.pool_name, opts.metrics_staleness_threshold)
         self._tasks.append(asyncio.create_task(gauges.run(opts.refresh_prometheus_metrics_interval), name="gauges"))
@@ -166,8 +197,28 @@ class EppServer:
         if self._collector is not None:
             with contextlib.suppress(Exception):
                 await self._collector.stop()
+        client = getattr(self._discovery, "client", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
         if self.config is not None:
             await _close_plugins(self.config)
+
+    def ready(self) -> bool:
+        """The pool is known: synced (static) or the InferencePool and its pods listed (Kubernetes)."""
+        ready = getattr(self._discovery, "ready", None)
+        return ready() if ready is not None else self.pool.synced
+
+    def discovery_status(self) -> dict[str, Any]:
+        status = getattr(self._discovery, "status", None)
+        if status is not None:
+            return status()
+        return {"source": "static" if self._discovery is not None else "none", "ready": self.pool.synced}
+
+    def _start_background_discovery(self, discovery: Any) -> None:
+        task = asyncio.create_task(discovery.run(self.pool), name="discovery")
+        task.add_done_callback(_log_discovery_end)
+        self._tasks.append(task)
 
     async def _start_discovery(self, discovery: Any, first_sync_timeout: float = 10.0) -> None:
         """Run discovery in the background; a failing first load (e.g. a bad endpoints file)

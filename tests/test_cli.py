@@ -138,7 +138,7 @@ def test_values_are_parsed() -> None:
         "--config-file", "x.yaml", "--config-reload", "--grpc-port=7000", "--bind-address", "127.0.0.1",
         "--refresh-metrics-interval", "1m30s", "--metrics-staleness-threshold=250ms", "--request-timeout", "0",
         "--max-request-body-bytes", "512Ki", "--endpoint", "10.0.0.1:8000", "--endpoint=[::1]:8001",
-        "--endpoints-file", "eps.yaml", "--pool-name", "vllm", "--pool-namespace", "ml", "--v=4",
+        "--endpoints-file", "eps.yaml", "--pool-namespace", "ml", "--v=4",
         "--zap-encoder", "json", "--response-body-policy", "always", "--enable-debug-headers",
         "--disable-endpoint-subset-filter=true", "--health-checking", "--cert-path", "/certs", "--enable-cert-reload",
     )
@@ -146,13 +146,28 @@ def test_values_are_parsed() -> None:
     assert (o.refresh_metrics_interval, o.metrics_staleness_threshold, o.request_timeout) == (90.0, 0.25, 0.0)
     assert o.max_request_body_bytes == 512 * 1024
     assert o.endpoints == ["10.0.0.1:8000", "[::1]:8001"] and o.endpoints_file == "eps.yaml"
-    assert (o.pool_name, o.pool_namespace, o.verbosity, o.log_format) == ("vllm", "ml", 4, "json")
+    assert (o.pool_namespace, o.verbosity, o.log_format) == ("ml", 4, "json")
     assert (o.response_body_policy, o.enable_debug_headers, o.disable_endpoint_subset_filter) == ("always", True, True)
     assert (o.health_checking, o.cert_path, o.enable_cert_reload) == (True, "/certs", True)
     assert options("-v", "3", "--grpc-host", "::1", "--log-format", "console").verbosity == 3
     assert options("--grpc-host", "::1").bind_address == "::1"
     settings = o.runtime_settings()
-    assert (settings.refresh_metrics_interval, settings.pool_name, settings.pool_namespace) == (90.0, "vllm", "ml")
+    assert (settings.refresh_metrics_interval, settings.pool_namespace) == (90.0, "ml")
+
+
+def test_kubernetes_flags_are_upstreams() -> None:
+    o = options("--pool-name", "vllm", "--pool-namespace", "ml", "--pool-group", "inference.networking.x-k8s.io",
+                "--kubeconfig", "/k", "--ha-enable-leader-election", "--drain-timeout", "5s",
+                "--leader-election-lease-duration", "3s", "--leader-election-renew-deadline", "2s",
+                "--leader-election-retry-period", "500ms")
+    assert (o.pool_name, o.pool_namespace, o.pool_group, o.kubeconfig) == (
+        "vllm", "ml", "inference.networking.x-k8s.io", "/k")
+    assert (o.ha_enable_leader_election, o.drain_timeout) == (True, 5.0)
+    assert (o.lease_duration, o.renew_deadline, o.retry_period) == (3.0, 2.0, 0.5)
+    assert o.runtime_settings().pool_name == "vllm" and o.kubernetes_discovery
+    s = options("--endpoint-selector", "app=vllm,tier in (a,b)", "--endpoint-target-ports", "8000,8001",
+                "--endpoint-target-ports=8002")
+    assert (s.endpoint_selector, s.endpoint_target_ports, s.pool_name) == ("app=vllm,tier in (a,b)", [8000, 8001, 8002], "")
 
 
 def test_pool_namespace_from_environment(monkeypatch) -> None:
@@ -167,7 +182,15 @@ def test_pool_namespace_from_environment(monkeypatch) -> None:
     (["--max-request-body-bytes", "huge"], "invalid quantity"),
     (["--response-body-policy", "sometimes"], "invalid choice"),
     (["--lora-info-metric=x"], 'flag "lora-info-metric" is deprecated and cannot be used; configure metrics via engineConfigs'),
-    (["--endpoint-selector", "app=vllm"], "needs Kubernetes"),
+    (["--endpoint-selector", "app=vllm"], "--endpoint-target-ports must list 1-8"),
+    (["--endpoint-selector", "app in x", "--endpoint-target-ports", "8000"], "needs a '(' value list"),
+    (["--endpoint-target-ports", "8000"], "only used with --endpoint-selector"),
+    (["--pool-name", "p", "--endpoint-selector", "a=b", "--endpoint-target-ports", "1"], "exactly one of --pool-name"),
+    (["--pool-name", "p", "--endpoint", "127.0.0.1:8000"], "are two discovery sources; use one"),
+    (["--endpoint-selector", "a=b", "--endpoint-target-ports", "1", "--endpoints-file", "f"], "two discovery sources"),
+    (["--pool-name", "p", "--pool-group", "example.com"], "--pool-group 'example.com' is not supported"),
+    (["--ha-enable-leader-election", "--endpoint", "127.0.0.1:1"], "--ha-enable-leader-election needs --pool-name"),
+    (["--endpoint-target-ports", "80x"], "expected port numbers"),
     (["--config-reload"], "--config-reload needs --config-file"),
     (["--grpc-port", "9090"], "must differ"),
     (["--metrics-staleness-threshold", "0s"], "metrics-staleness-threshold must be positive"),
@@ -180,9 +203,9 @@ def test_bad_flags_exit_2_with_a_message(argv: list[str], message: str, capsys) 
 
 
 def test_upstream_only_flags_are_accepted(monkeypatch) -> None:
-    args = cli.build_parser().parse_args(["serve", "--tracing=false", "--enable-pprof", "--pool-group", "x",
+    args = cli.build_parser().parse_args(["serve", "--tracing=false", "--enable-pprof",
                                           "--model-server-metrics-port", "8000"])
-    assert args.ignored_flags == ["--tracing", "--enable-pprof", "--pool-group", "--model-server-metrics-port"]
+    assert args.ignored_flags == ["--tracing", "--enable-pprof", "--model-server-metrics-port"]
     cli.serve_options(args)  # and they do not reach ServeOptions
 
 

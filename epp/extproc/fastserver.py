@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
-from epp.extproc.health import KNOWN_SERVICES, HealthService
+from epp.extproc.health import HealthService
 from epp.extproc.messages import FULL_DUPLEX, parse_response_body, streamed_chunk_head, streamed_response_chunk
 from epp.extproc.service import ExtProcService, serialize
 from epp.extproc.stream import RESPONSE_BODY, ExtProcStream
@@ -366,14 +366,16 @@ class _HealthStream(_Stream):
         self.method = method
 
     def on_message(self, raw: bytes) -> None:
-        status = self.health.status()
         if self.method == HEALTH_LIST:
-            item = health_pb2.HealthCheckResponse(status=status)
-            resp = health_pb2.HealthListResponse(statuses={name: item for name in KNOWN_SERVICES})
-            self.send_message(resp.SerializeToString())
+            self.send_message(self.health.list_response().SerializeToString())
             self.finish(GRPC_OK)
             return
-        self.send_message(health_pb2.HealthCheckResponse(status=status).SerializeToString())
+        try:
+            service = health_pb2.HealthCheckRequest.FromString(raw).service
+        except Exception:  # protobuf DecodeError: a garbled request
+            self.finish(GRPC_INTERNAL, "undecodable HealthCheckRequest")
+            return
+        self.send_message(health_pb2.HealthCheckResponse(status=self.health.status(service)).SerializeToString())
         if self.method == HEALTH_CHECK:
             self.finish(GRPC_OK)
         # Watch: the current status, then the stream stays open until the client leaves.

@@ -26,13 +26,16 @@ class DebugState:
     def __init__(self, pool: EndpointPool, decisions: Callable[[], DecisionLog],
                  in_flight: Callable[[], int] = lambda: 0, started: float | None = None,
                  plugins: Callable[[], list] = list,
-                 flow: Callable[[], dict | None] = lambda: None) -> None:
+                 flow: Callable[[], dict | None] = lambda: None,
+                 discovery: Callable[[], dict] | None = None) -> None:
         self.pool = pool
         self.decisions = decisions
         self.in_flight = in_flight
         self.started = started or time.time()
         self.plugins = plugins  # the live config's plugins; those with debug_state() get a section
         self.flow = flow  # flow control's queue state (None: the feature gate is off)
+        # where the endpoints come from and how that source is doing (Kubernetes watches, outages)
+        self.discovery = discovery or (lambda: {"ready": pool.synced})
 
     def plugin_states(self) -> list[dict]:
         out = []
@@ -72,7 +75,7 @@ def build_app(state: DebugState) -> web.Application:
         return web.Response(text="ok\n")
 
     async def readyz(_req: web.Request) -> web.Response:
-        if state.pool.synced:
+        if state.discovery().get("ready"):
             return web.Response(text="ready\n")
         return web.Response(status=503, text="endpoint pool not synced yet\n")
 
@@ -86,7 +89,10 @@ def build_app(state: DebugState) -> web.Application:
 
     async def endpoints(_req: web.Request) -> web.Response:
         return web.json_response({"pool": state.pool.name, "synced": state.pool.synced,
-                                  "endpoints": endpoint_rows(state.pool)})
+                                  "discovery": state.discovery(), "endpoints": endpoint_rows(state.pool)})
+
+    async def discovery(_req: web.Request) -> web.Response:
+        return web.json_response(state.discovery(), dumps=lambda o: json.dumps(o, indent=1))
 
     async def plugin_debug(_req: web.Request) -> web.Response:
         return web.json_response({"plugins": state.plugin_states()}, dumps=lambda o: json.dumps(o, indent=1))
@@ -106,6 +112,7 @@ def build_app(state: DebugState) -> web.Application:
     app.router.add_get("/debug/endpoints", endpoints)
     app.router.add_get("/debug/plugins", plugin_debug)
     app.router.add_get("/debug/flowcontrol", flowcontrol)
+    app.router.add_get("/debug/discovery", discovery)
     app.router.add_get("/debug", page)
     return app
 
@@ -149,6 +156,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}th{{background:
 requests in flight: {state.in_flight()}, up {time.time() - state.started:.0f}s.
 JSON: <a href="/debug/decisions">/debug/decisions</a>, <a href="/debug/endpoints">/debug/endpoints</a>,
 <a href="/debug/plugins">/debug/plugins</a>, <a href="/metrics">/metrics</a></p>
+{_discovery_line(state.discovery())}
 <h2>Endpoints</h2><table><tr><th>endpoint</th><th>name</th><th>reachable</th><th>metrics age</th>
 <th>queue</th><th>running</th><th>KV usage</th></tr>{ep_html}</table>{kv_html}
 {render_flow(state.flow())}
@@ -195,6 +203,22 @@ def _kv_events_section(ps: dict) -> str:
             "<table><tr><th>endpoint</th><th>publisher</th><th>connected</th><th>last seq</th><th>messages</th>"
             "<th>gaps</th><th>replays</th><th>restarts</th><th>lag / idle</th><th>engine blocks</th>"
             f"<th>index entries</th><th>errors</th></tr>{rows}</table>")
+def _discovery_line(status: dict) -> str:
+    """One paragraph on the discovery source; an API-server outage in red."""
+    e = html.escape
+    if status.get("source") != "kubernetes":
+        return f"<p>discovery: {e(str(status.get('source', '-')))}</p>"
+    what = (f"InferencePool {status.get('namespace')}/{status.get('pool')} ({status.get('group')})"
+            if status.get("mode") == "pool" else f"pods in {status.get('namespace')}")
+    parts = [f"discovery: Kubernetes, {e(what)}, selector <code>{e(str(status.get('selector', '-')))}</code>, "
+             f"target ports {e(str(status.get('target_ports', '-')))}, ready: {status.get('ready')}"]
+    for w in status.get("watches", []):
+        if w.get("connected"):
+            parts.append(f"watch {e(w['resource'])}: connected, {w['objects']} object(s), rv {e(str(w['resource_version']))}")
+        else:
+            parts.append(f"<span class=bad>watch {e(w['resource'])}: API server unreachable for {w['outage_seconds']}s "
+                         f"({e(w['last_error'][:200])}); using the last known {w['objects']} object(s)</span>")
+    return "<p>" + "<br>".join(parts) + "</p>"
 
 
 async def start_http_server(state: DebugState, host: str, port: int) -> tuple[web.AppRunner, int]:

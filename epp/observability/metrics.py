@@ -94,3 +94,12 @@ FC_CAPACITY_BYTES = _g(_FC + "capacity_utilization_bytes", "Queued bytes of a pr
 FC_GLOBAL_CAPACITY_REQUESTS = _g(_FC + "global_capacity_utilization_requests", "Queued requests / flowControl.maxRequests (only when set).", ("inference_pool",))
 FC_GLOBAL_CAPACITY_BYTES = _g(_FC + "global_capacity_utilization_bytes", "Queued bytes / flowControl.maxBytes (only when set).", ("inference_pool",))
 FC_REQUESTS_TOTAL = _c(_FC + "requests_total", "Requests that went through flow control, by outcome.", ("outcome", "priority", "inference_pool"))
+
+# --- Kubernetes discovery (ours) ---------------------------------------------------------------
+KUBE_CONNECTED = _g("epp_kubernetes_watch_connected", "1 while the watch of this resource is connected to the API server; 0 during an outage (the last known objects stay in use).", ("resource",))
+KUBE_OUTAGE_SECONDS = _g("epp_kubernetes_watch_outage_seconds", "Seconds since the watch of this resource lost the API server (0 while connected).", ("resource",))
+KUBE_WATCH_FAILURES = _c("epp_kubernetes_watch_failures_total", "Failed list/watch attempts (API server unreachable or erroring), each followed by a backoff.", ("resource",))
+KUBE_LISTS = _c("epp_kubernetes_lists_total", "Full lists of a resource: initial, after 410 Gone, or after a selector change.", ("resource", "reason"))
+KUBE_EVENTS = _c("epp_kubernetes_watch_events_total", "Watch events received, by type (ADDED, MODIFIED, DELETED, BOOKMARK).", ("resource", "type"))
+KUBE_POOL_PRESENT = _g("epp_kubernetes_inference_pool_present", "1 while this EPP's InferencePool exists (pool mode); 0 = every endpoint dropped, health NOT_SERVING.", ("name",))
+LEADER = _g("epp_leader", "1 while this replica holds the leader-election Lease (always 1 without --ha-enable-leader-election).")

@@ -6,7 +6,8 @@ for tests and embedders: ``await start()``, read the bound ports, ``await stop()
 
 Shutdown (SIGINT/SIGTERM) stops, in order: the gRPC servers (in-flight streams get a short
 grace period), the metrics server, the config watcher, the collector, discovery, and the
-plugins.
+plugins. With Kubernetes discovery it first drains, as upstream: readiness NOT_SERVING, the
+leader Lease released, ext_proc served for ``--drain-timeout`` (a second signal ends it).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class EppServer:
         self._collector: Any = None
         self._discovery: Any = None
         self.health: HealthService | None = None
+        self._elector: Any = None
+        self._elector_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._http: Any = None
         self._reload_lock = asyncio.Lock()
@@ -160,7 +163,10 @@ class EppServer:
         stream_settings = StreamSettings(max_body_bytes=opts.max_request_body_bytes,
                                          request_timeout=opts.request_timeout or 1e9)
         service = ExtProcService(self.director, stream_settings)
-        self.health = health = HealthService(self.ready)
+        self._elector = self._make_elector()
+        self.health = health = HealthService(
+            self.ready, leader_election=self._elector is not None,
+            is_leader=(lambda: self._elector.is_leader) if self._elector is not None else None)
         self.grpc = await start_grpc_servers(service, health, host=opts.bind_address, port=opts.grpc_port,
                                              health_port=opts.grpc_health_port, secure=opts.secure_serving,
                                              cert_path=opts.cert_path, max_body_bytes=opts.max_request_body_bytes,
@@ -182,6 +188,7 @@ class EppServer:
                  self.grpc_port, self.health_port, self.metrics_port, opts.secure_serving, self.grpc.core)
 
     async def stop(self) -> None:
+        await self._stop_election()
         if self.director is not None:
             self.director.close()  # queued requests are answered 503 rejected-shutting-down
         if self.grpc is not None:
@@ -211,9 +218,46 @@ class EppServer:
 
     def discovery_status(self) -> dict[str, Any]:
         status = getattr(self._discovery, "status", None)
-        if status is not None:
-            return status()
-        return {"source": "static" if self._discovery is not None else "none", "ready": self.pool.synced}
+        out = status() if status is not None else {
+            "source": "static" if self._discovery is not None else "none", "ready": self.pool.synced}
+        if self._elector is not None:
+            out["leader_election"] = self._elector.status()
+        if self.health is not None and self.health.draining:
+            out["draining"] = True
+        return out
+
+    def _make_elector(self) -> Any:
+        opts = self.options
+        if not opts.ha_enable_leader_election:
+            return None
+        from epp.discovery.leader import LeaderElector, lease_name
+
+        client = getattr(self._discovery, "client", None) or _make_kube_client(opts)
+        elector = LeaderElector(client, opts.pool_namespace, lease_name(opts.pool_namespace, opts.pool_name),
+                                lease_duration=opts.lease_duration, renew_deadline=opts.renew_deadline,
+                                retry_period=opts.retry_period)
+        self._elector_task = asyncio.create_task(elector.run(), name="leader-election")
+        return elector
+
+    @property
+    def drains(self) -> bool:
+        """Whether SIGTERM starts a drain (Kubernetes discovery: the Gateway needs time to move)."""
+        return self.options.kubernetes_discovery and self.options.drain_timeout > 0
+
+    async def begin_drain(self) -> None:
+        """SIGTERM: readiness NOT_SERVING and the Lease released now; ext_proc keeps serving."""
+        if self.health is not None:
+            self.health.draining = True
+        await self._stop_election()
+
+    async def _stop_election(self) -> None:
+        task, self._elector_task = self._elector_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._elector is not None:
+            await self._elector.release()
 
     def _start_background_discovery(self, discovery: Any) -> None:
         task = asyncio.create_task(discovery.run(self.pool), name="discovery")
@@ -298,6 +342,13 @@ async def serve(options: ServeOptions) -> None:
 
         tune_gc_for_serving()
         await stop.wait()
+        if server.drains:
+            log.info("draining: readiness NOT_SERVING, lease released, ext_proc served for %gs more "
+                     "(a second signal stops at once)", options.drain_timeout)
+            stop.clear()
+            await server.begin_drain()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), options.drain_timeout)
         log.info("shutting down")
     finally:
         await server.stop()

@@ -506,6 +506,19 @@ class KubeApiThread:
         self.loop.close()
 
 
+def write_kubeconfig(path: Any, server: str, token: str | None = None, namespace: str = "default") -> str:
+    """A kubeconfig file for ``server`` (bearer token user if given); returns the path."""
+    user: Obj = {"token": token} if token else {}
+    doc = {"apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+           "clusters": [{"name": "emulator", "cluster": {"server": server}}],
+           "users": [{"name": "emulator", "user": user}],
+           "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
+                                                         "namespace": namespace}}]}
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return str(path)
+
+
 # --- objects ---------------------------------------------------------------------------------
 def pod(name: str, ip: str, labels: dict[str, str] | None = None, *, ready: bool = True, namespace: str = "default",
         host_ip: str = "10.0.0.1", annotations: dict[str, str] | None = None) -> Obj:

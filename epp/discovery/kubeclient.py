@@ -13,6 +13,7 @@ else ``$KUBECONFIG`` (the first file of a list), else the in-cluster service acc
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
@@ -23,6 +24,8 @@ from epp.discovery.resources import ResourceType
 
 Obj = dict[str, Any]
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+# httpx logs every request at INFO: a watch restart or a Lease renewal is not news.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 

@@ -23,7 +23,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import EppProcess, start_envoy, start_epp
 from epp.bench.kubeapi import KubeApiThread, inference_pool, pod, ready_patch, write_kubeconfig
 from epp.bench.procs import ProcessGroup, free_port
 from epp.discovery import resources as R
@@ -75,12 +74,12 @@ def cluster(procs: ProcessGroup, tmp_path_factory) -> Cluster:
     api.close()
 
 
-def launch_epp(procs: ProcessGroup, cluster: Cluster, pool: str, *extra: str) -> EppProcess:
-    return start_epp(procs, [], config_text=CONFIG, wait=False, extra=[
+def launch_epp(epp_launcher, cluster: Cluster, pool: str, *extra: str):
+    return epp_launcher([], config_text=CONFIG, wait=False, extra=[
         "--pool-name", pool, "--pool-namespace", NS, "--kubeconfig", cluster.kubeconfig, *extra])
 
 
-def health(epp: EppProcess, service: str = "") -> int:
+def health(epp, service: str = "") -> int:
     with grpc.insecure_channel(f"127.0.0.1:{epp.health_port}") as ch:
         try:
             return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
@@ -113,19 +112,19 @@ def spread(url: str, n: int = 24) -> collections.Counter:
     return collections.Counter(call(url) for _ in range(n))
 
 
-def endpoint_keys(epp: EppProcess) -> set[str]:
+def endpoint_keys(epp) -> set[str]:
     return {row["endpoint"] for row in epp.get_json("/debug/endpoints")["endpoints"]}
 
 
 @pytest.fixture(scope="module")
-def served(procs: ProcessGroup, cluster: Cluster):
+def served(epp_launcher, envoy_launcher, cluster: Cluster):
     """One EPP on pool 'chat' (pods a, b Ready) behind Envoy (full duplex)."""
     cluster.api.store.create(POOL, inference_pool("chat", {"app": "chat"}, [cluster.port], namespace=NS))
     cluster.add_pod("a", 0, "chat")
     cluster.add_pod("b", 1, "chat")
-    epp = launch_epp(procs, cluster, "chat", "--drain-timeout", "0s")
+    epp = launch_epp(epp_launcher, cluster, "chat", "--drain-timeout", "0s")
     epp.wait_ready()
-    envoy = start_envoy(procs, "envoy.yaml", epp_port=epp.grpc_port)
+    envoy = envoy_launcher("envoy.yaml", epp_port=epp.grpc_port)
     return epp, envoy
 
 
@@ -175,14 +174,14 @@ def test_pool_deleted_gives_503_and_not_serving_until_it_returns(served, cluster
     assert call(envoy.url)[0] == 200
 
 
-def test_leader_election_one_ready_replica_and_failover(procs, cluster):
+def test_leader_election_one_ready_replica_and_failover(procs, epp_launcher, envoy_launcher, cluster):
     store = cluster.api.store
     store.create(POOL, inference_pool("ha", {"app": "ha"}, [cluster.port], namespace=NS))
     cluster.add_pod("ha-0", 0, "ha")
     timing = ["--ha-enable-leader-election", "--leader-election-lease-duration", "3s",
               "--leader-election-renew-deadline", "2s", "--leader-election-retry-period", "200ms",
               "--drain-timeout", "3s"]
-    first, second = launch_epp(procs, cluster, "ha", *timing), launch_epp(procs, cluster, "ha", *timing)
+    first, second = launch_epp(epp_launcher, cluster, "ha", *timing), launch_epp(epp_launcher, cluster, "ha", *timing)
     replicas = [first, second]
     wait_for(lambda: sorted(health(e, "readiness") for e in replicas) == sorted([NOT_SERVING, SERVING]), "one leader")
     leader = next(e for e in replicas if health(e, "readiness") == SERVING)
@@ -197,7 +196,7 @@ def test_leader_election_one_ready_replica_and_failover(procs, cluster):
     wait_for(lambda: endpoint_keys(standby) == {cluster.address(0)}, "standby's endpoints populated")
 
     # SIGTERM: the leader reports NOT_SERVING, releases the Lease, and keeps serving ext_proc
-    envoy = start_envoy(procs, "envoy.yaml", epp_port=leader.grpc_port)
+    envoy = envoy_launcher("envoy.yaml", epp_port=leader.grpc_port)
     assert call(envoy.url) == (200, cluster.address(0))
     os.kill(leader.proc.pid, signal.SIGTERM)  # as the kubelet does: the main process only
     wait_for(lambda: health(leader, "readiness") == NOT_SERVING, "draining leader NOT_SERVING")
@@ -208,7 +207,7 @@ def test_leader_election_one_ready_replica_and_failover(procs, cluster):
     procs.stop(leader.proc)
 
     # the new leader dies without releasing: a fresh replica takes over once the lease expires
-    third = launch_epp(procs, cluster, "ha", *timing)
+    third = launch_epp(epp_launcher, cluster, "ha", *timing)
     wait_for(lambda: health(third, "liveness") == SERVING, "third replica up")
     assert health(third, "readiness") == NOT_SERVING
     os.killpg(standby.proc.pid, signal.SIGKILL)

@@ -91,8 +91,7 @@ class EndpointPool:
             self._rebuild()
             self._emit("added", ep)
         elif ep.metadata != meta:
-            ep.metadata = meta
-            self._rebuild()
+            ep.metadata = meta  # same Endpoint object: the snapshots need no rebuild
             self._emit("updated", ep)
         return ep
 
@@ -112,8 +111,11 @@ class EndpointPool:
         self.synced = True
 
     def _rebuild(self) -> None:
-        self._snapshot = tuple(self._by_key.values())
-        self._schedulable = tuple(ep for ep in self._snapshot if ep.reachable) or self._snapshot
+        self._snapshot = snapshot = tuple(self._by_key.values())
+        if all(ep.reachable for ep in snapshot):  # the usual case: no second tuple
+            self._schedulable = snapshot
+        else:
+            self._schedulable = tuple(ep for ep in snapshot if ep.reachable) or snapshot
 
     def _emit(self, event: str, ep: Endpoint) -> None:
         for listener in list(self._listeners):

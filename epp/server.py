@@ -127,6 +127,7 @@ class EppServer:
         self.health: HealthService | None = None
         self._elector: Any = None
         self._elector_task: asyncio.Task | None = None
+        self._crds: Any = None
         self._tasks: list[asyncio.Task] = []
         self._http: Any = None
         self._reload_lock = asyncio.Lock()
@@ -160,6 +161,7 @@ class EppServer:
             response_body_policy=opts.response_body_policy,
             pool_name=opts.pool_name,
         ))
+        self._start_crd_sync()
         stream_settings = StreamSettings(max_body_bytes=opts.max_request_body_bytes,
                                          request_timeout=opts.request_timeout or 1e9)
         service = ExtProcService(self.director, stream_settings)
@@ -222,9 +224,27 @@ class EppServer:
             "source": "static" if self._discovery is not None else "none", "ready": self.pool.synced}
         if self._elector is not None:
             out["leader_election"] = self._elector.status()
+        if self._crds is not None:
+            out["crds"] = self._crds.status()
         if self.health is not None and self.health.draining:
             out["draining"] = True
         return out
+
+    def _start_crd_sync(self) -> None:
+        """Pool mode: InferenceObjective / InferenceModelRewrite objects feed the Director."""
+        from epp.discovery.kubernetes import KubernetesDiscovery
+
+        disc = self._discovery
+        if not isinstance(disc, KubernetesDiscovery) or disc.standalone or self.director is None:
+            return
+        from epp.discovery.crds import CrdSync
+
+        self._crds = CrdSync(disc.client, disc.namespace, disc.pool_name, disc.pool_group,
+                             set_objectives=self.director.set_objectives,
+                             set_rewrites=self.director.set_rewrite_rules)
+        self._crds.pool_changed(disc.pool_spec)
+        disc.listeners.append(self._crds.pool_changed)
+        self._tasks.append(asyncio.create_task(self._crds.run(), name="kubernetes-crds"))
 
     def _make_elector(self) -> Any:
         opts = self.options

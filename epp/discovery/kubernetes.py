@@ -226,6 +226,11 @@ class KubernetesDiscovery(Discovery):
     def standalone(self) -> bool:
         return self.standalone_selector is not None
 
+    @property
+    def pool_spec(self) -> PoolSpec | None:
+        """The InferencePool in force (None while it is missing or being deleted)."""
+        return self.spec if (self.standalone or self._present) else None
+
     def ready(self) -> bool:
         """The pool is known and its pods were listed at least once."""
         if not self.standalone and not self._present:

@@ -97,8 +97,8 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> floa
     return time.monotonic() - t0
 
 
-def call(url: str) -> tuple[int, str]:
-    body = json.dumps({"model": MODEL, "prompt": f"hi {random.random()}", "max_tokens": 2}).encode()
+def call(url: str, model: str = MODEL) -> tuple[int, str]:
+    body = json.dumps({"model": model, "prompt": f"hi {random.random()}", "max_tokens": 2}).encode()
     req = urllib.request.Request(url + "/v1/completions", data=body, headers={"content-type": "application/json"},
                                  method="POST")
     try:
@@ -160,6 +160,21 @@ def test_api_server_restart_mid_watch_loses_no_update(served, cluster):
     wait_for(lambda: endpoint_keys(epp) == {cluster.address(i) for i in (0, 1, 3)}, "updates made during the outage")
     wait_for(lambda: epp.get_json("/debug/discovery")["connected"], "every watch reconnected")
     assert set(spread(envoy.url)) == {(200, cluster.address(i)) for i in (0, 1, 3)}
+
+
+def test_inference_model_rewrite_object_renames_the_model(served, cluster):
+    epp, envoy = served
+    assert call(envoy.url, "chat-alias")[0] == 404  # the model servers do not know the alias
+    rewrite = {"metadata": {"name": "alias", "namespace": NS},
+               "spec": {"poolRef": {"name": "chat"}, "rules": [
+                   {"matches": [{"model": {"type": "Exact", "value": "chat-alias"}}],
+                    "targets": [{"modelRewrite": MODEL, "weight": 1}]}]}}
+    cluster.api.store.create(R.REWRITES[0], rewrite)  # llm-d.ai/v1alpha2
+    wait_for(lambda: call(envoy.url, "chat-alias")[0] == 200, "the rewrite applied")
+    crds = epp.get_json("/debug/discovery")["crds"]
+    assert crds["groups"]["InferenceModelRewrite"] == "llm-d.ai"
+    cluster.api.store.delete(R.REWRITES[0], NS, "alias")
+    wait_for(lambda: call(envoy.url, "chat-alias")[0] == 404, "the rewrite removed")
 
 
 def test_pool_deleted_gives_503_and_not_serving_until_it_returns(served, cluster):

@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "streaming": ("epp.bench.streaming", "run_streaming_bench"),
     "kv-publisher": ("epp.bench.kvpublisher", "run_kv_publisher_bench"),
     "flowcontrol": ("epp.bench.flowcontrol", "run_flowcontrol_bench"),
+    "discovery": ("epp.bench.discovery", "run_discovery_bench"),
     "quality": ("epp.bench.quality", "run_quality_bench"),
 }
 

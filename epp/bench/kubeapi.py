@@ -549,21 +549,19 @@ def inference_pool(name: str, match_labels: dict[str, str], ports: list[int], *,
 
 
 # --- standalone process with churn (the discovery benchmark) -------------------------------------
-CHURN_ANNOTATION = "bench.epp/written-at"
+CHURN_LABEL = "bench.epp/written-at"  # a label: endpoints carry the pod's labels, so the pool sees it
 
 
 async def _churn(store: KubeStore, names: list[str], rate: float, duration: float, namespace: str,
                  seed: int = 1) -> None:
-    """Patch ``rate * duration`` pods, ``rate`` per second: flip a label and stamp the wall time."""
+    """Patch ``rate * duration`` pods, ``rate`` per second: a label with the wall time of the write."""
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     start = loop.time()
     total = int(rate * duration)
     for n in range(1, total + 1):
         name = rng.choice(names)
-        store.patch(R.PODS, namespace, name, {"metadata": {
-            "labels": {"bench.epp/generation": str(n)},
-            "annotations": {CHURN_ANNOTATION: repr(time.time())}}})
+        store.patch(R.PODS, namespace, name, {"metadata": {"labels": {CHURN_LABEL: f"{time.time():.6f}"}}})
         delay = start + n / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)

@@ -97,3 +97,12 @@ def test_flowcontrol_smoke(tmp_path: Path) -> None:
     assert result["left_queued"] == 0 and result["left_in_flight"] == 0  # and every one was released
     assert result["outcomes"]["Dispatched"] == result["parked"] + 32
     assert "memory per parked request" in (tmp_path / "flowcontrol" / "summary.md").read_text()
+
+
+def test_discovery_smoke(tmp_path: Path) -> None:
+    bench(tmp_path, "discovery")
+    result = json.loads((tmp_path / "discovery" / "result.json").read_text())
+    assert result["initial_list"]["endpoints"] == result["pods"]
+    assert result["watch_path"]["events"] > 0 and result["visible_ms"]["all"]["n"] > 0
+    assert result["request_ms"]["no_churn"]["n"] > 0 and result["request_ms"]["churn"]["n"] > 0
+    assert "Discovery under pod churn" in (tmp_path / "discovery" / "summary.md").read_text()

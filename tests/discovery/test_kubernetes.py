@@ -257,3 +257,24 @@ def test_credentials_come_from_upstreams_sources_in_order(tmp_path, monkeypatch)
     with pytest.raises(KubeConfigError, match="not found"):
         load_config(str(tmp_path / "missing"))
 
+
+
+async def test_a_config_discovery_plugin_and_discovery_flags_are_refused():
+    from epp.config.errors import ConfigError
+    from epp.options import ServeOptions
+    from epp.server import EppServer
+
+    config = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- {name: files, type: static-discovery, parameters: {endpoints: ["127.0.0.1:1"]}}
+discovery: {pluginRef: files}
+"""
+    server = EppServer(ServeOptions(config_text=config, pool_name="p", grpc_port=0, grpc_health_port=0,
+                                    metrics_port=0, secure_serving=False, bind_address="127.0.0.1"))
+    try:
+        with pytest.raises(ConfigError, match="'files' and --pool-name are two discovery sources; use one"):
+            await server.start()
+    finally:
+        await server.stop()

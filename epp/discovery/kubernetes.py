@@ -40,6 +40,9 @@ from epp.observability import metrics as m
 
 log = logging.getLogger(__name__)
 
+# The parsers we have (openai-parser) speak HTTP/1.1 JSON; upstream reports NOT_SERVING when the
+# pool's appProtocol (e.g. kubernetes.io/h2c for gRPC model servers) has no parser.
+SUPPORTED_APP_PROTOCOLS = frozenset({"http"})
 ACTIVE_PORTS_ANNOTATION = "llm-d.ai/active-ports"
 LEGACY_ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
 
@@ -235,6 +238,8 @@ class KubernetesDiscovery(Discovery):
         """The pool is known and its pods were listed at least once."""
         if not self.standalone and not self._present:
             return False
+        if self.spec is not None and self.spec.app_protocol not in SUPPORTED_APP_PROTOCOLS:
+            return False
         return self.pods is not None and self.pods.listed
 
     def status(self) -> dict[str, Any]:
@@ -295,6 +300,11 @@ class KubernetesDiscovery(Discovery):
         if not self._present:
             log.info("kubernetes: InferencePool %s/%s: selector %s, targetPorts %s", self.namespace,
                      self.pool_name, spec.selector, list(spec.target_ports))
+        if spec.app_protocol not in SUPPORTED_APP_PROTOCOLS and (self.spec is None or
+                                                                 self.spec.app_protocol != spec.app_protocol):
+            log.error("kubernetes: InferencePool %s/%s has appProtocol %r, which no parser here supports (%s); "
+                      "health NOT_SERVING", self.namespace, self.pool_name, spec.app_protocol,
+                      ", ".join(sorted(SUPPORTED_APP_PROTOCOLS)))
         self._present = True
         self._m_present.set(1)
         self._set_spec(spec)

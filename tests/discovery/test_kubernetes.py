@@ -102,6 +102,17 @@ async def test_pool_spec_changes_resync_and_deletion_clears(tmp_path):
         await wait_until(lambda: not disc.ready() and not keys(pool), what="pool terminating")
 
 
+async def test_an_app_protocol_without_a_parser_is_not_ready(tmp_path):
+    store = _store_with_pool()
+    async with running(tmp_path, store, pool_name="p") as (api, disc, pool):
+        await wait_until(disc.ready, what="ready")
+        store.patch(POOL, NS, "p", {"spec": {"appProtocol": "kubernetes.io/h2c"}})
+        await wait_until(lambda: not disc.ready(), what="h2c: NOT_SERVING")
+        assert keys(pool) == {"10.0.0.1:8000"}  # the endpoints stay known
+        store.patch(POOL, NS, "p", {"spec": {"appProtocol": "http"}})
+        await wait_until(disc.ready, what="http again")
+
+
 async def test_missing_pool_is_not_ready_until_created(tmp_path):
     store = KubeStore()
     store.create(R.PODS, pod("a", "10.0.0.1", {"app": "vllm"}))

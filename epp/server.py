@@ -240,8 +240,7 @@ class EppServer:
         from epp.discovery.crds import CrdSync
 
         self._crds = CrdSync(disc.client, disc.namespace, disc.pool_name, disc.pool_group,
-                             set_objectives=self.director.set_objectives,
-                             set_rewrites=self.director.set_rewrite_rules)
+                             apply=self.director.set_cluster_objects)
         self._crds.pool_changed(disc.pool_spec)
         disc.listeners.append(self._crds.pool_changed)
         self._tasks.append(asyncio.create_task(self._crds.run(), name="kubernetes-crds"))

@@ -322,9 +322,13 @@ class KubeApiServer:
         return self
 
     async def stop(self) -> None:
+        """Close the port first, then end every watch cleanly (clients see the stream end and
+        cannot reconnect to this instance), then drop the connections."""
         if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
             self.store.end_all_watches()
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.01)
             await self._runner.cleanup()
             self._runner = None
 
@@ -431,7 +435,9 @@ class KubeApiServer:
         since = request.query.get("resourceVersion", "")
         bookmarks = _go_bool(request.query.get("allowWatchBookmarks"))
         timeout = float(request.query.get("timeoutSeconds") or 0) or None
-        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        # Connection: close: a client re-watching after the stream ends opens a new connection,
+        # so a watch never lands on an instance that is shutting down.
+        resp = web.StreamResponse(headers={"Content-Type": "application/json", "Connection": "close"})
         await resp.prepare(request)
         try:
             first = self.store.open_watch(w, since)
@@ -462,7 +468,7 @@ class KubeApiServer:
                 if item is _END:
                     break
                 await resp.write(json.dumps(item).encode() + b"\n")
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             pass
         finally:
             self.store.close_watch(w)

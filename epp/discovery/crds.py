@@ -15,8 +15,12 @@ As upstream (``pkg/epp/server/controller_config.go``, ``pkg/epp/datastore``):
   over a generic rule, then the oldest object, then the first rule.
 
 The result is applied whole on every change (a handful of objects: recomputing is cheaper
-than bookkeeping) through two callbacks; while the pool is gone nothing applies, as
-upstream's ``Clear()``; when it returns the cached objects apply again.
+than bookkeeping) as the Director's ``ClusterObjects``, which win over the config's
+``inferenceObjectives`` / ``modelRewrites`` on a clash; while the pool is gone nothing
+applies, as upstream's ``Clear()``; when it returns the cached objects apply again.
+
+Rewrites are keyed by the object's name (the ``model_rewrite_name`` metric label, as
+upstream); an object whose rules win for several models gets ``<name>/<model>`` keys.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ import contextlib
 import logging
 from typing import Any, Callable, Mapping
 
-from epp.config.model import ModelRewriteTarget
+from epp.config.model import ModelRewrite, ModelRewriteTarget
 from epp.discovery import resources as R
 from epp.discovery.informer import Informer
 from epp.discovery.kubeclient import KubeApiError, KubeClient, Obj
 from epp.discovery.resources import ResourceType
-from epp.requestcontrol.rewrite import RewriteRules
+from epp.requestcontrol.director import ClusterObjects
+from epp.requestcontrol.rewrite import ANY_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +62,29 @@ def objective_priorities(objects: Mapping[str, Obj], pool_name: str, pool_group:
     return out
 
 
-def rewrite_rules(objects: Mapping[str, Obj], pool_name: str, pool_group: str) -> RewriteRules:
-    """Exact matches first, then generic; within each, oldest object then first rule."""
+def rewrite_rules(objects: Mapping[str, Obj], pool_name: str, pool_group: str) -> dict[str, ModelRewrite]:
+    """Rule key -> rewrite, precedence applied: exact matches, then one generic rule (match
+    ``ANY_MODEL``); among candidates for the same model, the oldest object, then its first rule."""
     ordered = sorted((o for o in objects.values() if _refers_to(o, pool_name, pool_group)),
                      key=lambda o: ((o.get("metadata") or {}).get("creationTimestamp") or "",
                                     (o.get("metadata") or {}).get("name") or ""))
-    exact: dict[str, tuple[str, Targets]] = {}
-    generic: tuple[str, Targets] | None = None
+    winners: dict[str, tuple[str, Targets]] = {}  # model (ANY_MODEL for generic) -> (object, targets)
     for obj in ordered:
         name = (obj.get("metadata") or {}).get("name", "")
         for i, rule in enumerate((obj.get("spec") or {}).get("rules") or []):
             targets = _targets(rule, f"InferenceModelRewrite {name}: spec.rules[{i}]")
             if targets is None:
                 continue
-            matches = rule.get("matches") or []
-            if not matches:
-                if generic is None:
-                    generic = (name, targets)
-                continue
-            for match in matches:
-                model = (match or {}).get("model") or {}
-                if (model.get("type") or "Exact") == "Exact" and model.get("value"):
-                    exact.setdefault(str(model["value"]), (name, targets))
-    return RewriteRules(exact, generic)
+            models = [str(model["value"]) for match in rule.get("matches") or []
+                      if (model := (match or {}).get("model") or {}).get("value")
+                      and (model.get("type") or "Exact") == "Exact"]
+            for model in models or [ANY_MODEL]:
+                winners.setdefault(model, (name, targets))
+    per_object: dict[str, int] = {}
+    for owner, _ in winners.values():
+        per_object[owner] = per_object.get(owner, 0) + 1
+    return {(owner if per_object[owner] == 1 else f"{owner}/{model or '*'}"): ModelRewrite(model, targets)
+            for model, (owner, targets) in winners.items()}
 
 
 def _targets(rule: Obj, where: str) -> Targets | None:
@@ -109,14 +114,12 @@ class _Recompute:
 
 class CrdSync:
     def __init__(self, client: KubeClient, namespace: str, pool_name: str, pool_group: str, *,
-                 set_objectives: Callable[[dict[str, int]], None], set_rewrites: Callable[[RewriteRules], None],
-                 **informer_kw: Any) -> None:
+                 apply: Callable[[ClusterObjects], None], **informer_kw: Any) -> None:
         self.client = client
         self.namespace = namespace
         self.pool_name = pool_name
         self.pool_group = pool_group
-        self._set_objectives = set_objectives
-        self._set_rewrites = set_rewrites
+        self._apply_to = apply  # Director.set_cluster_objects
         self._informer_kw = informer_kw
         self.informers: dict[str, Informer] = {}
         self.pool_present = False
@@ -128,8 +131,7 @@ class CrdSync:
         present = spec is not None
         if present != self.pool_present:
             self.pool_present = present
-            self._apply_objectives()
-            self._apply_rewrites()
+            self._apply()
 
     async def run(self) -> None:
         chosen = [(kind, rtype) for kind, options in (("InferenceObjective", R.OBJECTIVES),
@@ -137,8 +139,7 @@ class CrdSync:
                   if (rtype := await self._discover(kind, options)) is not None]
         tasks = []
         for kind, rtype in chosen:
-            apply = self._apply_objectives if kind == "InferenceObjective" else self._apply_rewrites
-            informer = Informer(self.client, rtype, self.namespace, _Recompute(apply), **self._informer_kw)
+            informer = Informer(self.client, rtype, self.namespace, _Recompute(self._apply), **self._informer_kw)
             self.informers[kind] = informer
             tasks.append(asyncio.create_task(informer.run(), name=f"kubernetes-{rtype.plural}"))
         self.discovered = True
@@ -177,11 +178,13 @@ class CrdSync:
         informer = self.informers.get(kind)
         return informer.cache if informer is not None and self.pool_present else {}
 
-    def _apply_objectives(self) -> None:
-        self._set_objectives(objective_priorities(self._cache("InferenceObjective"), self.pool_name, self.pool_group))
+    def objects(self) -> ClusterObjects:
+        return ClusterObjects(
+            objectives=objective_priorities(self._cache("InferenceObjective"), self.pool_name, self.pool_group),
+            rewrites=rewrite_rules(self._cache("InferenceModelRewrite"), self.pool_name, self.pool_group))
 
-    def _apply_rewrites(self) -> None:
-        self._set_rewrites(rewrite_rules(self._cache("InferenceModelRewrite"), self.pool_name, self.pool_group))
+    def _apply(self) -> None:
+        self._apply_to(self.objects())
 
     def status(self) -> dict[str, Any]:
         return {"groups": dict(self.groups), "watches": [i.status() for i in self.informers.values()]}

@@ -9,6 +9,9 @@ from typing import Mapping
 from epp.config.model import ModelRewrite
 from epp.framework.headers import MODEL_REWRITE, control_header
 
+# A rewrite whose ``match`` is this applies to every model without an exact rule: an
+# InferenceModelRewrite rule with no ``matches`` (the config's ``match`` is never empty).
+ANY_MODEL = ""
 
 
 class ModelRewriter:
@@ -22,7 +25,7 @@ class ModelRewriter:
     def target(self, incoming: str, headers: Mapping[str, str]) -> tuple[str, str | None]:
         """(target model, name of the config rule used or None)."""
         target = control_header(headers, MODEL_REWRITE) or incoming
-        hit = self._by_model.get(incoming)
+        hit = self._by_model.get(incoming) or self._by_model.get(ANY_MODEL)
         if hit is None or not hit[1].targets:
             return target, None
         name, rw = hit

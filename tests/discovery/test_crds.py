@@ -13,7 +13,8 @@ from epp.bench.kubeapi import KubeStore
 from epp.config.model import ModelRewrite, ModelRewriteTarget
 from epp.discovery import resources as R
 from epp.discovery.crds import CrdSync, objective_priorities, rewrite_rules
-from epp.requestcontrol.rewrite import ModelRewriter, RewriteRules
+from epp.requestcontrol.director import ClusterObjects
+from epp.requestcontrol.rewrite import ANY_MODEL, ModelRewriter
 
 NS = "default"
 LLMD_OBJ, LEGACY_OBJ = R.OBJECTIVES
@@ -45,7 +46,8 @@ def test_objectives_are_filtered_by_pool_ref():
 
 def test_rewrite_precedence_exact_then_oldest_then_first_rule():
     objs = {
-        "young": rewrite("young", [rule(["m"], ("from-young", None))], created="2026-02-01T00:00:00Z"),
+        "young": rewrite("young", [rule(["m"], ("from-young", None)), rule(["y"], ("y1", 2), ("y2", 1))],
+                         created="2026-02-01T00:00:00Z"),
         "old": rewrite("old", [rule([], ("generic-old", None)), rule(["m"], ("from-old", None)),
                                rule(["m"], ("second-rule", None))], created="2026-01-01T00:00:00Z"),
         "generic-young": rewrite("generic-young", [rule([], ("generic-young", None))], created="2026-03-01T00:00:00Z"),
@@ -53,21 +55,24 @@ def test_rewrite_precedence_exact_then_oldest_then_first_rule():
         "bad": rewrite("bad", [rule(["x"], ("a", 1), ("b", None))]),  # weights all-or-none
     }
     rules = rewrite_rules(objs, "p", R.POOL_GROUP)
-    assert rules.exact == {"m": ("old", (ModelRewriteTarget("from-old", 1),))}
-    assert rules.generic == ("old", (ModelRewriteTarget("generic-old", 1),))
+    assert rules == {
+        "old/m": ModelRewrite("m", (ModelRewriteTarget("from-old", 1),)),  # two models won by "old": keyed per model
+        "old/*": ModelRewrite(ANY_MODEL, (ModelRewriteTarget("generic-old", 1),)),
+        "young": ModelRewrite("y", (ModelRewriteTarget("y1", 2), ModelRewriteTarget("y2", 1))),
+    }
 
 
-def test_rewriter_layers_crd_rules_over_config():
+def test_rewriter_config_and_cluster_rules():
     config = {"cfg": ModelRewrite("c", (ModelRewriteTarget("from-config", 1),)),
               "cfg-m": ModelRewrite("m", (ModelRewriteTarget("config-m", 1),))}
-    rules = RewriteRules({"m": ("crd", (ModelRewriteTarget("crd-m", 1),))},
-                         ("generic", (ModelRewriteTarget("any", 1),)))
-    rw = ModelRewriter(config, random.Random(1), rules)
-    assert rw.target("m", {}) == ("crd-m", "crd")  # an exact CRD rule wins over the config
-    assert rw.target("c", {}) == ("from-config", "cfg")  # config before a generic rule
+    cluster = {"crd": ModelRewrite("m", (ModelRewriteTarget("crd-m", 1),)),
+               "generic": ModelRewrite(ANY_MODEL, (ModelRewriteTarget("any", 1),))}
+    rw = ModelRewriter({**config, **cluster}, random.Random(1))  # as the Director layers them
+    assert rw.target("m", {}) == ("crd-m", "crd")  # a cluster rule wins over the config on the same model
+    assert rw.target("c", {}) == ("from-config", "cfg")  # an exact rule before a generic one
     assert rw.target("zzz", {}) == ("any", "generic")
-    weighted = ModelRewriter({}, random.Random(2), RewriteRules(
-        {"w": ("w", (ModelRewriteTarget("a", 1), ModelRewriteTarget("b", 3)))}))
+    weighted = ModelRewriter({"w": ModelRewrite("w", (ModelRewriteTarget("a", 1), ModelRewriteTarget("b", 3)))},
+                             random.Random(2))
     picks = [weighted.target("w", {})[0] for _ in range(400)]
     assert 0.6 < picks.count("b") / 400 < 0.9
 
@@ -86,26 +91,29 @@ async def test_group_fallback_and_live_updates(tmp_path, installed, expected_gro
             store.create(rtype, rewrite(f"rw-{rtype.group}", [rule(["m"], (f"to-{rtype.group}", None))]))
     api, client = await start_api(tmp_path, store)
     seen: dict = {}
-    sync = CrdSync(client, NS, "p", R.POOL_GROUP, set_objectives=lambda o: seen.update(objectives=o),
-                   set_rewrites=lambda r: seen.update(rewrites=r), backoff_initial=0.05, backoff_max=0.2)
+
+    def apply(objects: ClusterObjects) -> None:
+        seen.update(objectives=objects.objectives, rewrites=objects.rewrites)
+
+    sync = CrdSync(client, NS, "p", R.POOL_GROUP, apply=apply, backoff_initial=0.05, backoff_max=0.2)
     sync.pool_changed(object())  # the pool exists
     task = asyncio.create_task(sync.run())
     try:
         if expected_group is None:
             await wait_until(lambda: sync.discovered, what="API discovery")
             assert sync.groups == {} and not sync.informers and not task.done()
-            assert seen["objectives"] == {} and seen["rewrites"] == RewriteRules()
+            assert seen["objectives"] == {} and seen["rewrites"] == {}
             return
         await wait_until(lambda: seen.get("objectives") == {f"from-{expected_group}": 3}, what="objectives")
-        await wait_until(lambda: "m" in seen["rewrites"].exact, what="rewrites")
-        assert seen["rewrites"].exact["m"][1][0].model == f"to-{expected_group}"
+        await wait_until(lambda: bool(seen["rewrites"]), what="rewrites")
+        assert seen["rewrites"] == {f"rw-{expected_group}": ModelRewrite("m", (ModelRewriteTarget(f"to-{expected_group}", 1),))}
         assert sync.groups == {"InferenceObjective": expected_group, "InferenceModelRewrite": expected_group}
         obj_type = next(t for t in installed if t.group == expected_group and t.kind == "InferenceObjective")
         store.patch(obj_type, NS, f"from-{expected_group}", {"spec": {"priority": -2}})
         store.create(obj_type, objective("late", 1))
         await wait_until(lambda: seen["objectives"] == {f"from-{expected_group}": -2, "late": 1}, what="update")
         sync.pool_changed(None)  # the pool is gone: nothing applies ...
-        assert seen["objectives"] == {} and seen["rewrites"].exact == {}
+        assert seen["objectives"] == {} and seen["rewrites"] == {}
         sync.pool_changed(object())  # ... and it all comes back with it
         assert seen["objectives"] == {f"from-{expected_group}": -2, "late": 1}
     finally:

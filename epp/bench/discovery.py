@@ -6,12 +6,13 @@ write). This process runs what the EPP runs on its serving loop: ``KubernetesDis
 and pod informers) feeding an ``EndpointPool``, and the default scheduling pipeline (parse,
 prefix producer, admission, queue/kv/prefix scorers, max-score picker) over that pool.
 
-Three phases of ``seconds`` each:
+Phases:
 
-1. requests only: paced decisions (``request_rate`` per second, evenly spaced) -> baseline;
-2. churn only: the CPU the watch path costs (process CPU over the phase, per event), and the
-   time from an update's write to the pool (what the scheduler reads) holding it;
-3. churn and requests together: the request latency under churn.
+1. churn only, ``seconds`` long: the CPU the watch path costs (process CPU over the phase, per
+   event), and the time from an update's write to the pool (what the scheduler reads) holding it;
+2. paced decisions (``request_rate`` per second, evenly spaced) for ``seconds`` without churn
+   and ``seconds`` with it, interleaved in ``rounds`` slices so that the load of a shared
+   machine drifts over both alike.
 
 A request's latency runs from its scheduled start to the end of its decision, so time spent
 behind watch processing on the event loop counts; the same timer granularity (~1 ms) is in
@@ -98,7 +99,7 @@ def _load_note() -> str:
 
 
 async def _run(out_dir: Path, *, pods: int, churn_rate: float, seconds: float, request_rate: float,
-               prompt_bytes: int) -> dict[str, Any]:
+               prompt_bytes: int, rounds: int) -> dict[str, Any]:
     rng = random.Random(7)
     api = subprocess.Popen([sys.executable, "-m", "epp.bench.kubeapi", "--pods", str(pods), "--pool", POOL,
                             "--namespace", NAMESPACE, "--bookmark-interval", "5"],
@@ -125,18 +126,16 @@ async def _run(out_dir: Path, *, pods: int, churn_rate: float, seconds: float, r
         bodies = make_bodies(prompt_bytes, rng)
         await _paced_requests(pipeline, bodies, request_rate, min(2.0, seconds))  # warm-up
 
-        def churn() -> None:
-            api.stdin.write(f"churn {churn_rate} {seconds}\n".encode())
+        def churn(duration: float) -> None:
+            api.stdin.write(f"churn {churn_rate} {duration}\n".encode())
             api.stdin.flush()
 
         loads = {"before": _load_note()}
-        baseline = await _paced_requests(pipeline, bodies, request_rate, seconds)
-
         informer = disc._pod_informer
         assert informer is not None
         events0 = informer.stats.events
         visibility.recording = True
-        churn()
+        churn(seconds)
         c0 = time.process_time()
         await asyncio.sleep(seconds + 0.5)
         watch_cpu = time.process_time() - c0
@@ -145,11 +144,18 @@ async def _run(out_dir: Path, *, pods: int, churn_rate: float, seconds: float, r
         visibility.samples_ms.clear()
         loads["churn only"] = _load_note()
 
-        churn()
-        under_churn = await _paced_requests(pipeline, bodies, request_rate, seconds)
-        await asyncio.sleep(0.5)
+        baseline: list[float] = []
+        under_churn: list[float] = []
+        slice_s = seconds / rounds
+        for _ in range(rounds):
+            visibility.recording = False
+            baseline += await _paced_requests(pipeline, bodies, request_rate, slice_s)
+            visibility.recording = True
+            churn(slice_s)
+            under_churn += await _paced_requests(pipeline, bodies, request_rate, slice_s)
+            await asyncio.sleep(0.3)  # the slice's last writes land before the next baseline
         visible_busy = list(visibility.samples_ms)
-        loads["churn and requests"] = _load_note()
+        loads["requests, with and without churn"] = _load_note()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.close()
@@ -160,6 +166,7 @@ async def _run(out_dir: Path, *, pods: int, churn_rate: float, seconds: float, r
     visible_all = _stats(visible_alone + visible_busy)
     return {
         "pods": pods, "churn_updates_per_s": churn_rate, "seconds": seconds, "request_rate": request_rate,
+        "rounds": rounds,
         "initial_list": initial,
         "watch_path": {"events": watch_events, "cpu_s": round(watch_cpu, 3),
                        "cores": round(watch_cpu / (seconds + 0.5), 4),
@@ -180,10 +187,11 @@ def _markdown(r: dict[str, Any]) -> str:
     return "\n".join([
         "# Discovery under pod churn",
         "",
-        f"{r['pods']} Ready pods in one InferencePool, {r['churn_updates_per_s']:g} pod updates/s for "
-        f"{r['seconds']:g} s per phase (in-memory API server in its own process); the default scheduling "
-        f"pipeline over the discovered pool at {r['request_rate']:g} decisions/s, evenly spaced, on the same "
-        "event loop as the watches. Request latency = scheduled start to decision done.",
+        f"{r['pods']} Ready pods in one InferencePool, {r['churn_updates_per_s']:g} pod updates/s (in-memory API "
+        f"server in its own process): {r['seconds']:g} s of churn alone, then the default scheduling pipeline over "
+        f"the discovered pool at {r['request_rate']:g} decisions/s (evenly spaced, on the same event loop as the "
+        f"watches) for {r['seconds']:g} s without and {r['seconds']:g} s with churn, interleaved in {r['rounds']} "
+        "slices. Request latency = scheduled start to decision done.",
         "",
         f"- initial list and sync: {r['initial_list']['endpoints']} endpoints in {r['initial_list']['seconds']} s "
         f"({r['initial_list']['cpu_ms']} ms CPU)",
@@ -211,8 +219,8 @@ def _markdown(r: dict[str, Any]) -> str:
 def run_discovery_bench(out_dir: Path, *, smoke: bool = False) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = (dict(pods=100, churn_rate=50.0, seconds=1.5, request_rate=50.0, prompt_bytes=1024) if smoke else
-              dict(pods=1000, churn_rate=50.0, seconds=60.0, request_rate=100.0, prompt_bytes=1024))
+    params = (dict(pods=100, churn_rate=50.0, seconds=1.5, request_rate=50.0, prompt_bytes=1024, rounds=1) if smoke
+              else dict(pods=1000, churn_rate=50.0, seconds=60.0, request_rate=100.0, prompt_bytes=1024, rounds=6))
     try:
         import uvloop
 

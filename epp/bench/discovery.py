@@ -40,6 +40,7 @@ from epp.datalayer.pool import EndpointPool
 from epp.discovery.kubeclient import KubeClient
 from epp.discovery.kubernetes import KubernetesDiscovery
 from epp.observability import deferred
+from epp.scheduling.gctuning import tune_gc_for_serving
 
 TARGET_VISIBLE_P99_MS = 100.0
 TARGET_REQUEST_P99_RATIO = 1.10
@@ -124,6 +125,7 @@ async def _run(out_dir: Path, *, pods: int, churn_rate: float, seconds: float, r
                    "endpoints": len(pool)}
         pipeline = DefaultPipeline(pool)
         bodies = make_bodies(prompt_bytes, rng)
+        tune_gc_for_serving()  # as `epp serve` does once it is up
         await _paced_requests(pipeline, bodies, request_rate, min(2.0, seconds))  # warm-up
 
         def churn(duration: float) -> None:

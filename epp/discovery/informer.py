@@ -23,7 +23,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from epp.discovery.kubeclient import Gone, KubeApiError, KubeClient, Obj
 from epp.discovery.resources import ResourceType
@@ -57,7 +57,7 @@ class Informer:
     def __init__(self, client: KubeClient, rtype: ResourceType, namespace: str | None, handler: InformerHandler, *,
                  label_selector: str = "", field_selector: str = "", watch_timeout: int = 300,
                  backoff_initial: float = 0.2, backoff_max: float = 30.0, on_state: Any = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, transform: Callable[[Obj], Obj] | None = None) -> None:
         self.client = client
         self.rtype = rtype
         self.namespace = namespace
@@ -67,6 +67,9 @@ class Informer:
         self.watch_timeout = watch_timeout
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.on_state = on_state  # called with no arguments when synced/connected change
+        # Applied to every object before it is cached (client-go's SetTransform): keep only what
+        # the handler reads, so the cache holds a fraction of the objects the GC has to walk.
+        self.transform = transform or (lambda obj: obj)
         self.cache: dict[str, Obj] = {}
         self.resource_version = ""
         self.synced = False  # a first list succeeded
@@ -128,7 +131,8 @@ class Informer:
         self.stats.lists += 1
         m.KUBE_LISTS.labels(self._m_label, self._list_reason).inc()
         self._list_reason = "reconnect"
-        self.cache = {_name(o): o for o in items}
+        transform = self.transform
+        self.cache = {_name(o): transform(o) for o in items}
         self.resource_version = rv
         self._connected()
         first = not self.synced
@@ -153,7 +157,7 @@ class Informer:
             elif kind in ("ADDED", "MODIFIED"):
                 self.stats.events += 1
                 name = _name(obj)
-                self.cache[name] = obj
+                self.cache[name] = obj = self.transform(obj)
                 self.handler.changed(name, obj)
             elif kind == "DELETED":
                 self.stats.events += 1

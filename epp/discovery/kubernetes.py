@@ -111,6 +111,19 @@ def active_ports(pod: Obj, target_ports: tuple[int, ...]) -> set[int]:
     return out
 
 
+def slim_pod(pod: Obj) -> Obj:
+    """The fields discovery reads: a real pod (spec, managedFields, container statuses) is
+    several KB and hundreds of objects; this is a few dozen."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    return {
+        "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "annotations", "deletionTimestamp",
+                                          "resourceVersion") if k in meta},
+        "status": {"podIP": status.get("podIP"), "hostIP": status.get("hostIP"),
+                   "conditions": [c for c in status.get("conditions") or () if c.get("type") == "Ready"]},
+    }
+
+
 def pod_endpoints(pod: Obj, target_ports: tuple[int, ...]) -> list[EndpointMetadata]:
     """The endpoints one pod contributes (none unless it is ready)."""
     if not pod_is_ready(pod):
@@ -330,7 +343,7 @@ class KubernetesDiscovery(Discovery):
         self._cancel_pods()
         assert self.pods is not None
         informer = Informer(self.client, R.PODS, self.namespace, self.pods, label_selector=str(selector),
-                            **self._informer_kw)
+                            transform=slim_pod, **self._informer_kw)
         informer._list_reason = reason
         self._pod_informer = informer
         self._pod_task = asyncio.create_task(informer.run(), name="kubernetes-pods")

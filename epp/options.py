@@ -155,8 +155,9 @@ class ServeOptions:
         if self.pool_group not in INFERENCE_POOLS:
             raise OptionsError(f"--pool-group {self.pool_group!r} is not supported; use one of "
                                f"{', '.join(INFERENCE_POOLS)}")
-        if self.ha_enable_leader_election and not self.pool_name:
-            raise OptionsError("--ha-enable-leader-election needs --pool-name (the Lease is named after the pool)")
+        if self.ha_enable_leader_election and not self.kubernetes_discovery:
+            raise OptionsError("--ha-enable-leader-election needs Kubernetes discovery (--pool-name or "
+                               "--endpoint-selector): the Lease lives in the API server")
         if not 0 < self.retry_period < self.renew_deadline < self.lease_duration:
             raise OptionsError("leader election needs 0 < retry period < renew deadline < lease duration, got "
                                f"{self.retry_period:g}s, {self.renew_deadline:g}s, {self.lease_duration:g}s")

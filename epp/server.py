@@ -249,10 +249,16 @@ class EppServer:
         opts = self.options
         if not opts.ha_enable_leader_election:
             return None
-        from epp.discovery.leader import LeaderElector, lease_name
+        from epp.discovery.leader import LeaderElector, deployment_name, lease_name
 
+        name = opts.pool_name
+        if not name:  # standalone: upstream names the Lease after the EPP's Deployment ($POD_NAME)
+            try:
+                name = deployment_name(os.environ.get("POD_NAME", ""))
+            except ValueError as e:
+                raise ConfigError([f"--ha-enable-leader-election with --endpoint-selector needs $POD_NAME: {e}"]) from None
         client = getattr(self._discovery, "client", None) or _make_kube_client(opts)
-        elector = LeaderElector(client, opts.pool_namespace, lease_name(opts.pool_namespace, opts.pool_name),
+        elector = LeaderElector(client, opts.pool_namespace, lease_name(opts.pool_namespace, name),
                                 lease_duration=opts.lease_duration, renew_deadline=opts.renew_deadline,
                                 retry_period=opts.retry_period)
         self._elector_task = asyncio.create_task(elector.run(), name="leader-election")

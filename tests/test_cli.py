@@ -189,7 +189,7 @@ def test_pool_namespace_from_environment(monkeypatch) -> None:
     (["--pool-name", "p", "--endpoint", "127.0.0.1:8000"], "are two discovery sources; use one"),
     (["--endpoint-selector", "a=b", "--endpoint-target-ports", "1", "--endpoints-file", "f"], "two discovery sources"),
     (["--pool-name", "p", "--pool-group", "example.com"], "--pool-group 'example.com' is not supported"),
-    (["--ha-enable-leader-election", "--endpoint", "127.0.0.1:1"], "--ha-enable-leader-election needs --pool-name"),
+    (["--ha-enable-leader-election", "--endpoint", "127.0.0.1:1"], "--ha-enable-leader-election needs Kubernetes"),
     (["--endpoint-target-ports", "80x"], "expected port numbers"),
     (["--config-reload"], "--config-reload needs --config-file"),
     (["--grpc-port", "9090"], "must differ"),

@@ -41,6 +41,15 @@ def lease_name(namespace: str, pool: str) -> str:
     return f"epp-{namespace}-{pool}.llm-d.ai"
 
 
+def deployment_name(pod_name: str) -> str:
+    """``vllm-epp-7d9f8c6b5-x2k4q`` -> ``vllm-epp``: standalone mode names the Lease after the
+    EPP's Deployment, found from ``$POD_NAME`` as upstream does. Raises ValueError."""
+    parts = pod_name.split("-")
+    if len(parts) < 3 or not all(parts[-2:]) or not parts[0]:
+        raise ValueError(f"cannot tell the Deployment from pod name {pod_name!r} (expected <deployment>-<hash>-<id>)")
+    return "-".join(parts[:-2])
+
+
 def default_identity() -> str:
     """``<pod name or host name>_<uuid>``, controller-runtime's form."""
     return f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4()}"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from kube_helpers import start_api, wait_until
 
 from epp.bench.kubeapi import KubeStore
 from epp.discovery import resources as R
-from epp.discovery.leader import LeaderElector, lease_name
+from epp.discovery.leader import LeaderElector, deployment_name, lease_name
 
 NAME = lease_name("default", "pool")
 TIMING = dict(lease_duration=1.0, renew_deadline=0.6, retry_period=0.1)
@@ -85,3 +87,11 @@ async def test_leader_steps_down_when_it_cannot_renew(tmp_path):
         await asyncio.gather(task, return_exceptions=True)
         await client.close()
         await api.stop()
+
+
+def test_standalone_lease_is_named_after_the_deployment():
+    assert deployment_name("vllm-epp-7d9f8c6b5-x2k4q") == "vllm-epp"
+    assert lease_name("ml", deployment_name("epp-6c9d-abcde")) == "epp-ml-epp.llm-d.ai"
+    for bad in ("", "epp", "epp-x", "epp--"):
+        with pytest.raises(ValueError, match="cannot tell the Deployment"):
+            deployment_name(bad)

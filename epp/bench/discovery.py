@@ -133,7 +133,7 @@ async def _run(out_dir: Path, *, pods: int, churn_rate: float, seconds: float, r
             api.stdin.flush()
 
         loads = {"before": _load_note()}
-        informer = disc._pod_informer
+        informer = disc.pod_informer
         assert informer is not None
         events0 = informer.stats.events
         visibility.recording = True

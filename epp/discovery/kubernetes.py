@@ -243,6 +243,15 @@ class KubernetesDiscovery(Discovery):
         return self.standalone_selector is not None
 
     @property
+    def pool_informer(self) -> Informer | None:
+        return self._pool_informer
+
+    @property
+    def pod_informer(self) -> Informer | None:
+        """The current pod watch (replaced when the pool's selector changes)."""
+        return self._pod_informer
+
+    @property
     def pool_spec(self) -> PoolSpec | None:
         """The InferencePool in force (None while it is missing or being deleted)."""
         return self.spec if (self.standalone or self._present) else None

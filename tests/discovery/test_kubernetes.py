@@ -117,7 +117,7 @@ async def test_missing_pool_is_not_ready_until_created(tmp_path):
     store = KubeStore()
     store.create(R.PODS, pod("a", "10.0.0.1", {"app": "vllm"}))
     async with running(tmp_path, store, pool_name="p") as (api, disc, pool):
-        await wait_until(lambda: disc._pool_informer is not None and disc._pool_informer.synced, what="pool listed")
+        await wait_until(lambda: disc.pool_informer is not None and disc.pool_informer.synced, what="pool listed")
         assert not disc.ready() and not keys(pool)
         assert disc.status()["pool_present"] is False
         store.create(POOL, inference_pool("p", {"app": "vllm"}, [8000]))
@@ -187,7 +187,7 @@ async def test_api_restart_resumes_the_watch_without_losing_updates(tmp_path):
     store = _store_with_pool()
     async with running(tmp_path, store, pool_name="p") as (api, disc, pool):
         await wait_until(lambda: keys(pool) == {"10.0.0.1:8000"}, what="first sync")
-        pods = disc._pod_informer
+        pods = disc.pod_informer
         lists = pods.stats.lists
         await api.stop()  # every watch cut, port closed
         store.patch(R.PODS, NS, "b", ready_patch(True))  # changes while the server is away
@@ -205,7 +205,7 @@ async def test_410_gone_relists_and_drops_what_vanished(tmp_path):
     store = _store_with_pool()
     async with running(tmp_path, store, pool_name="p") as (api, disc, pool):
         await wait_until(lambda: keys(pool) == {"10.0.0.1:8000"}, what="first sync")
-        pods = disc._pod_informer
+        pods = disc.pod_informer
         await api.stop()
         store.delete(R.PODS, NS, "a")  # a DELETED event that only history had...
         store.patch(R.PODS, NS, "b", ready_patch(True))
@@ -220,7 +220,7 @@ async def test_bookmarks_advance_the_resource_version(tmp_path):
     store = _store_with_pool()
     async with running(tmp_path, store, pool_name="p", api_kw={"bookmark_interval": 0.05}) as (api, disc, pool):
         await wait_until(disc.ready, what="ready")
-        pods = disc._pod_informer
+        pods = disc.pod_informer
         store.create(R.LEASES, {"metadata": {"name": "unrelated", "namespace": NS}})  # advances the revision only
         await wait_until(lambda: pods.stats.bookmarks > 0 and pods.resource_version == str(store.revision),
                          what="bookmark")

@@ -203,6 +203,8 @@ def _kv_events_section(ps: dict) -> str:
             "<table><tr><th>endpoint</th><th>publisher</th><th>connected</th><th>last seq</th><th>messages</th>"
             "<th>gaps</th><th>replays</th><th>restarts</th><th>lag / idle</th><th>engine blocks</th>"
             f"<th>index entries</th><th>errors</th></tr>{rows}</table>")
+
+
 def _discovery_line(status: dict) -> str:
     """One paragraph on the discovery source; an API-server outage in red."""
     e = html.escape

@@ -35,6 +35,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "kv-publisher": ("epp.bench.kvpublisher", "run_kv_publisher_bench"),
     "flowcontrol": ("epp.bench.flowcontrol", "run_flowcontrol_bench"),
     "discovery": ("epp.bench.discovery", "run_discovery_bench"),
+    "chaos": ("epp.bench.chaos", "run_chaos_bench"),
     "quality": ("epp.bench.quality", "run_quality_bench"),
 }
 

@@ -380,6 +380,19 @@ class ProcessGroup:
                 popen.wait(self.stop_timeout)
         return popen.returncode
 
+    def kill(self, proc: ManagedProcess, sig: int = signal.SIGKILL) -> int | None:
+        """Crash the child: ``sig`` (SIGKILL by default) to its process group, no grace period;
+        returns its exit code. For fault tests and benchmarks; ``stop`` is the polite way."""
+        if proc in self.processes:
+            self.processes.remove(proc)
+        popen = proc.popen
+        if popen.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(popen.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(self.stop_timeout)
+        return popen.returncode
+
     @staticmethod
     def _wait_exit_unreaped(popen: subprocess.Popen[bytes], timeout: float) -> bool:
         """Wait until the child has exited, without reaping it (waitid WNOWAIT)."""

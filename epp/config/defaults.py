@@ -32,6 +32,8 @@ DEFAULT_METRICS_SOURCE = "metrics-data-source"
 DEFAULT_METRICS_EXTRACTOR = "core-metrics-extractor"
 # Added when the flowControl gate is on and a band or the section does not name its own.
 FLOW_CONTROL_DEFAULTS = (DEFAULT_ORDERING_POLICY, DEFAULT_FAIRNESS_POLICY, DEFAULT_USAGE_LIMIT_POLICY)
+# Ours, not upstream's: takes an endpoint the proxy could not reach out of scheduling at once.
+DEFAULT_UNREACHABLE_DETECTOR = "unreachable-endpoint-detector"
 
 # Upstream's built-in configuration (§2.5), used when neither --config-file nor --config-text is given.
 DEFAULT_CONFIG_TEXT = """\
@@ -90,6 +92,7 @@ class Defaults:
         self._saturation_detector()
         self._data_layer()
         self._producers()
+        self._passive_health()
 
     def _of(self, cls: type) -> list[Plugin]:
         return [p for p in self.plugins.by_name.values() if isinstance(p, cls)]
@@ -183,6 +186,14 @@ class Defaults:
         if source is not None and extractor is not None:
             path = f"{dl.key}.sources[{len(dl.sources)}]"
             dl.sources.append(SourceEntry(path, DEFAULT_METRICS_SOURCE, [(f"{path}.extractors[0]", DEFAULT_METRICS_EXTRACTOR)]))
+
+    def _passive_health(self) -> None:
+        """Every config gets the unreachable-endpoint detector (configure it with ``enabled:
+        false`` to opt out); one declared under any name counts."""
+        cls = self._registered_class(DEFAULT_UNREACHABLE_DETECTOR)
+        if cls is None or any(type(p) is cls for p in self.plugins.by_name.values()):
+            return
+        self.add(DEFAULT_UNREACHABLE_DETECTOR, "passive health checking (not in upstream)")
 
     def _registered_class(self, type_name: str) -> type | None:
         if type_name not in self.plugins.registry:

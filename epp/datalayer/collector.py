@@ -13,9 +13,18 @@ are skipped, not bunched), so 64 loops never align into bursts.
 Failures are per endpoint and per plugin: counted
 (``llm_d_inference_scheduler_datalayer_{poll,extract}_errors_total``), logged at debug
 level with a rate-limited warning, and the endpoint keeps its previous data and old
-``update_time``. Beyond upstream, an endpoint whose every source has failed for
-``unreachable_after`` seconds is marked unreachable (``pool.set_reachable``): scheduling
-skips it until a scrape succeeds again, unless every endpoint is unreachable.
+``update_time``. Beyond upstream, health (what scheduling does with it: ``pool.py``):
+
+- a tick where every source failed counts as a failure (``pool.set_failures``); from the
+  first one, scheduling prefers endpoints whose data is current, so stale numbers of a
+  silent endpoint never attract requests;
+- an endpoint nobody answers for (``EndpointUnreachable``: connection refused, no route,
+  unknown host, no TCP handshake within the connect timeout) is marked unreachable at once;
+- other failures (timeouts, HTTP 5xx, unreadable pages) mark it unreachable after
+  ``failure_threshold`` consecutive failed ticks, or ``unreachable_after`` seconds of them;
+- an unreachable endpoint is re-probed with a backoff that doubles from the interval up to
+  ``max_backoff`` (0.5 s) and is back on the first good scrape;
+- a good scrape also ends an exclusion the request path made (``pool.exclude``) before it.
 
 This module runs on whatever loop calls ``start()``; ``epp.datalayer.process`` runs it in a
 separate process instead (see there for why and when).
@@ -30,6 +39,7 @@ import random
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from epp.datalayer.endpoint import Endpoint, now
+from epp.datalayer.errors import EndpointUnreachable
 from epp.datalayer.pool import EndpointPool
 
 if TYPE_CHECKING:
@@ -40,6 +50,8 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 0.05
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_UNREACHABLE_AFTER = 5.0
+DEFAULT_FAILURE_THRESHOLD = 3
+DEFAULT_MAX_BACKOFF = 0.5
 WARN_EVERY = 30.0  # seconds between warnings for the same endpoint and plugin
 
 
@@ -121,6 +133,8 @@ class Collector:
         interval: float = DEFAULT_INTERVAL,
         timeout: float = DEFAULT_TIMEOUT,
         unreachable_after: float = DEFAULT_UNREACHABLE_AFTER,
+        failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
         sink: CollectorSink | None = None,
         on_tick: Callable[[Endpoint], None] | None = None,
         rng: random.Random | None = None,
@@ -132,6 +146,8 @@ class Collector:
         self.interval = float(interval)
         self.timeout = float(timeout)
         self.unreachable_after = float(unreachable_after)
+        self.failure_threshold = max(1, int(failure_threshold))
+        self.max_backoff = max(float(max_backoff), self.interval)
         self.sink: CollectorSink = sink if sink is not None else MetricsSink(pool.name)
         self.on_tick = on_tick
         self._rng = rng or random.Random()
@@ -208,6 +224,7 @@ class Collector:
         interval = self.interval
         await asyncio.sleep(self._rng.uniform(0, interval))
         next_at = loop.time()
+        backoff = interval
         while True:
             try:
                 await self.tick(ep)
@@ -215,10 +232,17 @@ class Collector:
                 raise
             except Exception:  # a bug in our own code must not end the loop for good
                 log.exception("collector tick failed for endpoint %s", ep.key)
-            next_at += interval
             t = loop.time()
-            if t > next_at:  # fell behind (slow endpoint, timeout): skip ticks, keep the phase
-                next_at += math.ceil((t - next_at) / interval) * interval
+            if not ep.reachable and ep.failures:
+                # Re-probe an unreachable endpoint soon, then less often, at most max_backoff
+                # apart: a restarted server is back within that, a dead one costs little.
+                next_at = t + backoff
+                backoff = min(backoff * 2, self.max_backoff)
+            else:
+                backoff = interval
+                next_at += interval
+                if t > next_at:  # fell behind (slow endpoint, timeout): skip ticks, keep the phase
+                    next_at += math.ceil((t - next_at) / interval) * interval
             await asyncio.sleep(next_at - t)
 
     async def tick(self, ep: Endpoint) -> None:
@@ -226,6 +250,7 @@ class Collector:
         started = now()
         self.ticks[ep.key] = self.ticks.get(ep.key, 0) + 1
         ok = failed = 0
+        unreachable: Exception | None = None
         for w, self_timed in zip(self.wirings, self._self_timed):
             source = w.source
             try:
@@ -238,6 +263,8 @@ class Collector:
                 raise
             except Exception as e:
                 failed += 1
+                if isinstance(e, EndpointUnreachable):
+                    unreachable = e
                 self._poll_failed(ep, source, e)
                 continue
             if data is None:  # the source had nothing due (e.g. a slower refresh interval)
@@ -250,10 +277,10 @@ class Collector:
                 except Exception as e:
                     self._extract_failed(ep, source, ex, e)
         if ok:
-            self._succeeded(ep)
+            self._succeeded(ep, started)
             self.pool.data_changed()
         elif failed:
-            self._failed(ep, started)
+            self._failed(ep, started, unreachable)
         if self.on_tick is not None:
             self.on_tick(ep)
 
@@ -271,25 +298,34 @@ class Collector:
         name = getattr(ex, "name", plugin_type(ex))
         self._warn.log((ep.key, name), "extractor %s failed for endpoint %s: %s", name, _who(ep), _describe(e))
 
-    def _succeeded(self, ep: Endpoint) -> None:
-        ep.last_scrape_ok = now()
+    def _succeeded(self, ep: Endpoint, started: float) -> None:
+        ep.last_scrape_ok = started
         down_since = ep.first_failure
         ep.first_failure = 0.0
+        self.pool.set_failures(ep, 0)
         if not ep.reachable and self.pool.set_reachable(ep, True):
             self.sink.reachability(ep, True)
             log.info("endpoint %s is reachable again after %.1fs", _who(ep), now() - down_since if down_since else 0.0)
+        self.pool.scrape_succeeded(ep, started)
 
-    def _failed(self, ep: Endpoint, started: float) -> None:
+    def _failed(self, ep: Endpoint, started: float, unreachable: Exception | None) -> None:
         if ep.first_failure == 0.0:
             ep.first_failure = started
-        if ep.reachable and now() - ep.first_failure >= self.unreachable_after:
-            if self.pool.set_reachable(ep, False):
-                self.sink.reachability(ep, False)
-                log.warning(
-                    "endpoint %s marked unreachable: every data source failed for %.1fs; "
-                    "excluded from scheduling until a scrape succeeds",
-                    _who(ep), now() - ep.first_failure,
-                )
+        self.pool.set_failures(ep, ep.failures + 1)
+        if not ep.reachable:
+            return
+        if unreachable is not None:
+            why = f"nobody answers ({_describe(unreachable)})"
+        elif ep.failures >= self.failure_threshold:
+            why = f"{ep.failures} scrapes in a row failed"
+        elif now() - ep.first_failure >= self.unreachable_after:
+            why = f"every data source failed for {now() - ep.first_failure:.1f}s"
+        else:
+            return
+        if self.pool.set_reachable(ep, False):
+            self.sink.reachability(ep, False)
+            log.warning("endpoint %s marked unreachable: %s; excluded from scheduling and re-probed "
+                        "at least every %gs until a scrape succeeds", _who(ep), why, self.max_backoff)
 
 
 def _limits_itself(source: object, timeout: float) -> bool:

@@ -102,18 +102,28 @@ class Endpoint:
     ``metadata`` and ``metrics`` are immutable snapshots swapped by writers. ``attributes``
     is a typed map for plugin data (e.g. the ``/v1/models`` list); it is also replaced
     copy-on-write by ``set_attribute``, so a reader holding the mapping is never surprised.
-    Health fields are maintained by the collector.
+    Health fields are maintained by the collector (``reachable``, ``failures``, ...) and, for
+    exclusions reported by the request path, by ``EndpointPool.exclude`` (see
+    ``epp/datalayer/pool.py`` for what each means to scheduling).
     """
 
-    __slots__ = ("metadata", "metrics", "attributes", "last_scrape_ok", "first_failure", "reachable")
+    __slots__ = ("metadata", "metrics", "attributes", "last_scrape_ok", "first_failure", "failures", "reachable",
+                 "excluded_at", "excluded_until", "strikes")
 
     def __init__(self, metadata: EndpointMetadata, metrics: Metrics = EMPTY_METRICS) -> None:
         self.metadata = metadata
         self.metrics = metrics
         self.attributes: Mapping[str, Any] = _EMPTY
-        self.last_scrape_ok = 0.0
+        self.last_scrape_ok = 0.0  # data-layer time the last successful scrape STARTED
         self.first_failure = 0.0  # data-layer time of the first failure in the current run; 0 = healthy
-        self.reachable = True
+        self.failures = 0  # consecutive failed scrapes (0 = the data is current)
+        self.reachable = True  # the collector's verdict
+        # Exclusion by the request path (the proxy could not reach it): when, and the earliest
+        # time a good scrape may end it; 0.0 = not excluded. ``strikes`` counts exclusions
+        # without a successful response in between (each holds it out longer).
+        self.excluded_at = 0.0
+        self.excluded_until = 0.0
+        self.strikes = 0
 
     @property
     def key(self) -> str:

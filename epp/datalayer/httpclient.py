@@ -30,6 +30,11 @@ What it does, and nothing more:
 Every failure is a ``FetchError`` (a ``DataSourceError``) whose message starts with
 ``GET <url>:`` (``POST <url>:``). ``post()`` shares all of the above except redirects (an error)
 and must only be used for requests that may be sent twice (the stale-connection retry).
+When nobody answers at the address at all (refused, no route, unknown host, no TCP handshake
+within ``connect_timeout``), it is a ``ConnectError``, which is also an ``EndpointUnreachable``:
+the collector takes such an endpoint out at once. A reused keep-alive connection that the server
+closed (e.g. it was killed) is retried on a fresh one, so a crashed server shows up as
+``ConnectError`` on the very next scrape.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ from urllib.parse import urljoin, urlsplit
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from epp.datalayer.errors import DataSourceError
+from epp.datalayer.errors import DataSourceError, EndpointUnreachable
 
+DEFAULT_CONNECT_TIMEOUT = 0.25  # a TCP handshake on a cluster network takes well under 1 ms
 DEFAULT_IDLE_TIMEOUT = 60.0  # close connections unused this long (endpoints come and go)
 _SWEEP_EVERY = 10.0
 _DISCARD_LIMIT = 64 * 1024  # bytes of a non-200 body read (and dropped) to keep the connection
@@ -54,6 +60,10 @@ _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 class FetchError(DataSourceError):
     """A GET failed; the message names the URL and what went wrong."""
+
+
+class ConnectError(FetchError, EndpointUnreachable):
+    """No connection could be made: nobody listens, no route, unknown host, no handshake in time."""
 
 
 class _Failure(Exception):
@@ -340,10 +350,15 @@ class ScrapeClient:
         ssl: ssl_module.SSLContext | None = None,
         max_redirects: int = 3,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        if timeout <= 0 or max_bytes <= 0:
-            raise ValueError("timeout and max_bytes must be > 0")
+        if timeout <= 0 or max_bytes <= 0 or connect_timeout <= 0:
+            raise ValueError("timeout, connect_timeout and max_bytes must be > 0")
         self.timeout = float(timeout)
+        # Bounds the TCP (and TLS) handshake of a new connection, within ``timeout``: a host
+        # that has gone away (a killed container's address) answers nothing at all, and
+        # waiting the whole scrape timeout for that would keep a dead endpoint in rotation.
+        self.connect_timeout = float(connect_timeout)
         self.max_bytes = int(max_bytes)
         self.max_redirects = max_redirects
         self.idle_timeout = idle_timeout
@@ -461,16 +476,22 @@ class ScrapeClient:
         ssl = None
         if target.tls:
             ssl = self._ssl if self._ssl is not None else ssl_module.create_default_context()
+        connect_by = loop.time() + self.connect_timeout
         try:
             # The rare path (a new connection), so asyncio's own timeout is fine here.
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(min(deadline, connect_by)):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop, target.idle, self._conns), target.host, target.port,
                     ssl=ssl, server_hostname=target.server_hostname)
         except TimeoutError:
+            if connect_by < deadline:
+                raise ConnectError(f"{method} {target.url}: cannot connect: no answer within "
+                                   f"{self.connect_timeout:g}s") from None
             raise self._timed_out(target, "", method) from None
-        except (OSError, ssl_module.SSLError) as e:  # refused, unreachable, DNS, TLS handshake
+        except ssl_module.SSLError as e:  # somebody answers, but the TLS handshake failed
             raise FetchError(f"{method} {target.url}: cannot connect: {type(e).__name__}: {e}") from None
+        except OSError as e:  # refused, no route, unknown host
+            raise ConnectError(f"{method} {target.url}: cannot connect: {type(e).__name__}: {e}") from None
         return conn
 
     def _timed_out(self, target: _Target, phase: str, method: str = "GET") -> FetchError:

@@ -5,9 +5,18 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable
 
-from epp.datalayer.endpoint import Endpoint, EndpointMetadata
+from epp.datalayer.endpoint import Endpoint, EndpointMetadata, now
 
 log = logging.getLogger(__name__)
+
+# A request-path exclusion (``exclude``) ends with the first good scrape that started after it;
+# repeated exclusions without a successful response in between must also wait out a hold that
+# doubles from HOLD_BASE up to HOLD_MAX (a server whose metrics answer but whose serving port
+# does not would otherwise cost a failed request per scrape interval). Without any scrape
+# (no collector), an exclusion lapses LINGER seconds after its hold.
+HOLD_BASE = 0.1
+HOLD_MAX = 2.0
+LINGER = 5.0
 
 Listener = Callable[[str, Endpoint], None]  # ("added" | "removed" | "updated", endpoint)
 
@@ -19,9 +28,18 @@ class EndpointPool:
     stable list. Discovery calls ``sync()`` with the full desired set; listeners (the
     collector, stateful plugins) hear about additions and removals.
 
-    ``schedulable()`` is the subset the scheduler may pick from: endpoints the collector
-    has not marked unreachable, or all of them when every one is (never schedule into
-    nothing). Reachability changes go through ``set_reachable`` so that tuple stays current.
+    ``schedulable()`` is the subset the scheduler may pick from, best tier first:
+
+    1. endpoints whose data is current: reachable, not excluded by the request path, and whose
+       last scrape succeeded (``failures == 0``);
+    2. if there is none: reachable and not excluded (their metrics may be stale);
+    3. if there is none: every endpoint (never schedule into nothing).
+
+    So an endpoint that went silent (its scrapes fail or time out) stops attracting requests
+    with its last, possibly idle-looking, metrics as soon as its first scrape fails, long
+    before the collector declares it unreachable. Health changes go through
+    ``set_reachable`` / ``set_failures`` / ``exclude`` / ``scrape_succeeded`` so the tuple
+    stays current.
     """
 
     def __init__(self, name: str = "", namespace: str = "default") -> None:
@@ -32,6 +50,7 @@ class EndpointPool:
         self._schedulable: tuple[Endpoint, ...] = ()
         self._listeners: list[Listener] = []
         self._data_watchers: list[Callable[[], None]] = []
+        self._lapse_at = 0.0  # earliest time a request-path exclusion lapses without a scrape; 0 = none
         self.synced = False
 
     def subscribe(self, listener: Listener) -> None:
@@ -62,17 +81,77 @@ class EndpointPool:
         return self._snapshot
 
     def schedulable(self) -> tuple[Endpoint, ...]:
-        """Reachable endpoints, or every endpoint if none is reachable."""
+        """The best tier of endpoints (see the class docstring); never empty unless the pool is."""
+        if self._lapse_at and now() >= self._lapse_at:
+            self._lapse()
         return self._schedulable
+
+    # -- health --------------------------------------------------------------------------------
 
     def set_reachable(self, ep: Endpoint, reachable: bool) -> bool:
         """Record a health verdict of the collector; returns whether it changed anything."""
         if ep.reachable == reachable:
             return False
         ep.reachable = reachable
+        self._changed(ep)
+        return True
+
+    def set_failures(self, ep: Endpoint, failures: int) -> None:
+        """The collector's count of consecutive failed scrapes (0 after a good one)."""
+        before, ep.failures = ep.failures, failures
+        if (before > 0) != (failures > 0):
+            self._changed(ep)
+
+    def exclude(self, ep: Endpoint, reason: str) -> bool:
+        """The request path learned that ``ep`` cannot be reached (e.g. the proxy's connection
+        was refused): leave it out of scheduling now, before any scrape notices. Returns False
+        if it was already excluded."""
+        if ep.excluded_at or self._by_key.get(ep.key) is not ep:
+            return False
+        t = now()
+        ep.strikes += 1
+        hold = 0.0 if ep.strikes == 1 else min(HOLD_MAX, HOLD_BASE * 2 ** (ep.strikes - 2))
+        ep.excluded_at = t
+        ep.excluded_until = t + hold
+        lapse = ep.excluded_until + LINGER
+        if not self._lapse_at or lapse < self._lapse_at:
+            self._lapse_at = lapse
+        self._rebuild()
+        log.warning("endpoint %s excluded from scheduling: %s; it is back after a successful scrape%s",
+                    ep.metadata.name, reason, f" and {hold:g}s (excluded {ep.strikes} times in a row)" if hold else "")
+        return True
+
+    def scrape_succeeded(self, ep: Endpoint, started: float) -> None:
+        """A scrape of ``ep`` that started at ``started`` succeeded: it ends a request-path
+        exclusion that began before it (once the exclusion's hold is over)."""
+        if ep.excluded_at and started >= ep.excluded_at and now() >= ep.excluded_until:
+            self._readmit(ep, "a scrape succeeded")
+
+    def response_succeeded(self, ep: Endpoint) -> None:
+        """The endpoint served a request: repeated exclusions start over with no hold."""
+        ep.strikes = 0
+
+    def _readmit(self, ep: Endpoint, why: str) -> None:
+        excluded_for = now() - ep.excluded_at
+        ep.excluded_at = ep.excluded_until = 0.0
+        self._changed(ep)
+        log.info("endpoint %s is back in scheduling after %.2fs: %s", ep.metadata.name, excluded_for, why)
+
+    def _lapse(self) -> None:
+        t = now()
+        self._lapse_at = 0.0
+        for ep in self._snapshot:
+            if not ep.excluded_at:
+                continue
+            lapse = ep.excluded_until + LINGER
+            if t >= lapse:
+                self._readmit(ep, f"no scrape for {LINGER:g}s after its exclusion")
+            elif not self._lapse_at or lapse < self._lapse_at:
+                self._lapse_at = lapse
+
+    def _changed(self, ep: Endpoint) -> None:
         if self._by_key.get(ep.key) is ep:
             self._rebuild()
-        return True
 
     def get(self, key: str) -> Endpoint | None:
         return self._by_key.get(key)
@@ -112,10 +191,11 @@ class EndpointPool:
 
     def _rebuild(self) -> None:
         self._snapshot = snapshot = tuple(self._by_key.values())
-        if all(ep.reachable for ep in snapshot):  # the usual case: no second tuple
-            self._schedulable = snapshot
-        else:
-            self._schedulable = tuple(ep for ep in snapshot if ep.reachable) or snapshot
+        if all(ep.reachable and not ep.excluded_at and not ep.failures for ep in snapshot):
+            self._schedulable = snapshot  # the usual case: no second tuple
+            return
+        usable = tuple(ep for ep in snapshot if ep.reachable and not ep.excluded_at)
+        self._schedulable = tuple(ep for ep in usable if not ep.failures) or usable or snapshot
 
     def _emit(self, event: str, ep: Endpoint) -> None:
         for listener in list(self._listeners):

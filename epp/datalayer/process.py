@@ -33,7 +33,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Sequence
 
 from epp.datalayer.collector import (
+    DEFAULT_FAILURE_THRESHOLD,
     DEFAULT_INTERVAL,
+    DEFAULT_MAX_BACKOFF,
     DEFAULT_TIMEOUT,
     DEFAULT_UNREACHABLE_AFTER,
     Collector,
@@ -85,11 +87,15 @@ def make_collector(
     raise ValueError(f"unknown collector mode {mode!r} (expected one of: {', '.join(MODES)})")
 
 
+def _health(ep: Endpoint) -> tuple:
+    """What the collector knows about an endpoint's health, as it crosses the process boundary."""
+    return (ep.reachable, ep.last_scrape_ok, ep.first_failure, ep.failures)
+
+
 def _upsert(ep: Endpoint) -> tuple:
     """Endpoint identity plus its health so far (a restarted or reloaded child resumes it)."""
     m = ep.metadata
-    return ("upsert", (m.address, m.port, m.name, m.namespace, m.metrics_port, dict(m.labels)),
-            (ep.reachable, ep.last_scrape_ok, ep.first_failure))
+    return ("upsert", (m.address, m.port, m.name, m.namespace, m.metrics_port, dict(m.labels)), _health(ep))
 
 
 # -- the parent side ----------------------------------------------------------------------------
@@ -105,6 +111,8 @@ class ProcessCollector:
         interval: float = DEFAULT_INTERVAL,
         timeout: float = DEFAULT_TIMEOUT,
         unreachable_after: float = DEFAULT_UNREACHABLE_AFTER,
+        failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
         flush_interval: float = 0.01,
         restart_delay: float = 1.0,
         nice: int = 5,
@@ -115,6 +123,7 @@ class ProcessCollector:
         # The child runs at a lower CPU priority (``nice``): when cores are short, the request
         # path wins and the data merely gets a little older.
         self.options = {"interval": interval, "timeout": timeout, "unreachable_after": unreachable_after,
+                        "failure_threshold": failure_threshold, "max_backoff": max_backoff,
                         "flush_interval": flush_interval, "pool_name": pool.name, "nice": nice}
         self.restart_delay = restart_delay
         self.sink: CollectorSink = sink if sink is not None else MetricsSink(pool.name)
@@ -205,9 +214,13 @@ class ProcessCollector:
                 ep.metrics = self._metrics(key, metrics)
             if attrs is not None:
                 ep.attributes = MappingProxyType(attrs)
-            reachable, ep.last_scrape_ok, ep.first_failure = health
+            reachable, last_ok, ep.first_failure, failures = health
+            pool.set_failures(ep, failures)
             if pool.set_reachable(ep, reachable):
                 self.sink.reachability(ep, reachable)
+            if last_ok != ep.last_scrape_ok:
+                ep.last_scrape_ok = last_ok
+                pool.scrape_succeeded(ep, last_ok)
         if updates:
             pool.data_changed()
         for what, n in errors.items():
@@ -278,7 +291,7 @@ class _Batcher:
         for key, ep in self.dirty.items():
             prev = self.sent.get(key)
             m, a = ep.metrics, ep.attributes
-            health = (ep.reachable, ep.last_scrape_ok, ep.first_failure)
+            health = _health(ep)
             metrics = None if prev is not None and prev[0] is m else _metrics_tuple(m)
             attrs = None if prev is not None and prev[1] is a else _picklable(a)
             self.sent[key] = (m, a)
@@ -352,7 +365,9 @@ async def _child(fds: FdPair, payload: bytes, options: dict[str, Any], level: in
         for p in plugins:
             await p.start(handle)
         collector = Collector(pool, wirings, interval=options["interval"], timeout=options["timeout"],
-                              unreachable_after=options["unreachable_after"], sink=batcher, on_tick=batcher.touch)
+                              unreachable_after=options["unreachable_after"],
+                              failure_threshold=options["failure_threshold"], max_backoff=options["max_backoff"],
+                              sink=batcher, on_tick=batcher.touch)
         batcher.ticks = collector.ticks
         await collector.start()
     except Exception as e:
@@ -381,7 +396,8 @@ async def _child(fds: FdPair, payload: bytes, options: dict[str, Any], level: in
                 known = pool.get(meta.key) is not None
                 ep = pool.upsert(meta)
                 if not known:  # a failure run that began before this child keeps counting
-                    reachable, ep.last_scrape_ok, ep.first_failure = msg[2]
+                    reachable, ep.last_scrape_ok, ep.first_failure, failures = msg[2]
+                    pool.set_failures(ep, failures)
                     pool.set_reachable(ep, reachable)
             elif msg[0] == "remove":
                 pool.remove(msg[1])  # the collector stops the loop and tells the batcher to forget it

@@ -50,13 +50,19 @@ class ForwardedMetadata(Mapping[str, Any]):
     A namespace is converted from protobuf only when someone reads it: Envoy forwards
     ``envoy.lb`` with every response once the EPP has set it, and converting it eagerly
     would cost every request for the one plugin that may look.
+
+    ``attributes`` are the Envoy attributes the ext_proc filter was configured to send
+    (``request_attributes`` / ``response_attributes``, e.g. ``upstream.address`` or
+    ``response.code_details``), merged over the filters that sent them; empty if none.
     """
 
-    __slots__ = ("_raw", "_cache")
+    __slots__ = ("_raw", "_cache", "_raw_attributes", "_attributes")
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, attributes: Any = None) -> None:
         self._raw = raw  # the message's metadata_context.filter_metadata map
         self._cache: dict[str, Any] = {}
+        self._raw_attributes = attributes  # the message's attributes map (filter name -> Struct)
+        self._attributes: dict[str, Any] | None = None
 
     def __getitem__(self, namespace: str) -> Any:
         value = self._cache.get(namespace)
@@ -72,11 +78,22 @@ class ForwardedMetadata(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._raw)
 
+    @property
+    def attributes(self) -> Mapping[str, Any]:
+        if self._attributes is None:
+            merged: dict[str, Any] = {}
+            for struct in (self._raw_attributes or {}).values():
+                merged.update(json_format.MessageToDict(struct))
+            self._attributes = merged
+        return self._attributes
+
 
 def forwarded_metadata(req: pb.ProcessingRequest) -> ForwardedMetadata | None:
-    """The metadata the proxy forwarded with ``req``, or None if it sent none."""
-    if req.HasField("metadata_context") and req.metadata_context.filter_metadata:
-        return ForwardedMetadata(req.metadata_context.filter_metadata)
+    """The metadata (and attributes) the proxy forwarded with ``req``, or None if it sent none."""
+    md = req.metadata_context.filter_metadata if req.HasField("metadata_context") else None
+    attributes = req.attributes
+    if md or attributes:
+        return ForwardedMetadata(md if md is not None else {}, attributes or None)
     return None
 
 

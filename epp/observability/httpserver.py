@@ -57,6 +57,7 @@ def endpoint_rows(pool: EndpointPool) -> list[dict]:
         age = mt.age(t)
         rows.append({
             "endpoint": ep.key, "name": ep.metadata.name, "reachable": ep.reachable,
+            "scrape_failures": ep.failures, "excluded": bool(ep.excluded_at),
             "metrics_age_s": None if age == float("inf") else round(age, 3),
             "waiting_queue_size": mt.waiting_queue_size, "running_requests": mt.running_requests,
             "kv_cache_usage": round(mt.kv_cache_usage, 4),
@@ -89,7 +90,8 @@ def build_app(state: DebugState) -> web.Application:
 
     async def endpoints(_req: web.Request) -> web.Response:
         return web.json_response({"pool": state.pool.name, "synced": state.pool.synced,
-                                  "discovery": state.discovery(), "endpoints": endpoint_rows(state.pool)})
+                                  "discovery": state.discovery(), "in_flight": state.in_flight(),
+                                  "endpoints": endpoint_rows(state.pool)})
 
     async def discovery(_req: web.Request) -> web.Response:
         return web.json_response(state.discovery(), dumps=lambda o: json.dumps(o, indent=1))

@@ -74,6 +74,7 @@ DATALAYER_EXTRACT_ERRORS = _c("llm_d_inference_scheduler_datalayer_extract_error
 
 # --- ours (beyond upstream) ------------------------------------------------------------------
 ENDPOINT_REACHABLE = _g("epp_endpoint_reachable", "1 if the endpoint's data source answered recently, else 0 (excluded from scheduling).", ("name", "endpoint"))
+ENDPOINT_EXCLUSIONS = _c("epp_endpoint_exclusions_total", "Times the request path took an endpoint out of scheduling before any scrape noticed (reason proxy-connect-failure: the proxy could not reach it).", ("name", "endpoint", "reason"))
 ENDPOINT_DATA_AGE = _g("epp_endpoint_metrics_age_seconds", "Seconds since the endpoint's standard metrics were last updated.", ("name", "endpoint"))
 STALE_METRIC_SCORES = _c("epp_scorer_stale_or_missing_metric_total", "Scores given the worst-case default because the metric was missing or stale.", ("plugin_name", "metric", "reason"))
 CONFIG_RELOADS = _c("epp_config_reloads_total", "Configuration reloads by outcome.", ("outcome",))

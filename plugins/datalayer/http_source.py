@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 from epp.datalayer.endpoint import EndpointMetadata
 from epp.datalayer.errors import DataSourceError
-from epp.datalayer.httpclient import ScrapeClient
+from epp.datalayer.httpclient import DEFAULT_CONNECT_TIMEOUT, ScrapeClient
 from epp.framework.datalayer import DataSource, Extractor
 from epp.framework.params import Duration
 from epp.framework.plugin import Handle
@@ -36,6 +36,7 @@ class HTTPSourceParams:
     insecureSkipVerify: bool = True
     bearerTokenFile: str = ""
     timeout: Duration = Duration(1.0)
+    connectTimeout: Duration = Duration(DEFAULT_CONNECT_TIMEOUT)
     maxBytes: int = DEFAULT_MAX_BYTES
     compression: bool = False
 
@@ -44,6 +45,8 @@ class HTTPSourceParams:
             raise ValueError(f"'path' must start with '/', got {self.path!r}")
         if self.timeout <= 0:
             raise ValueError("'timeout' must be > 0")
+        if self.connectTimeout <= 0:
+            raise ValueError("'connectTimeout' must be > 0")
         if self.maxBytes <= 0:
             raise ValueError("'maxBytes' must be > 0")
 
@@ -94,7 +97,7 @@ class HTTPDataSource(DataSource):
             if self._token:  # a client rebuilt after close() or unpickling keeps the token read so far
                 headers["Authorization"] = f"Bearer {self._token}"
             self._client = ScrapeClient(timeout=self._timeout, max_bytes=p.maxBytes, compression=p.compression,
-                                        ssl=context, headers=headers)
+                                        ssl=context, headers=headers, connect_timeout=float(p.connectTimeout))
         return self._client
 
     def limit_timeout(self, seconds: float) -> bool:

@@ -1,5 +1,5 @@
 """Built-in request-control plugins: parser, data producers, saturation detectors, the
-conformance served-endpoint verifier.
+conformance served-endpoint verifier, the unreachable-endpoint detector.
 
 Importing this package registers them (``@register`` runs at import).
 """
@@ -12,4 +12,5 @@ from plugins.requestcontrol import (  # noqa: F401  (registration side effects)
     saturation,
     served_verifier,
     tokens,
+    unreachable_detector,
 )

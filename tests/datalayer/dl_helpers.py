@@ -25,7 +25,7 @@ class PageServer:
     """Serves ``/metrics`` (a settable page) and ``/v1/models``; counts requests per path.
 
     ``mode`` switches misbehaviour: ``ok``, ``status`` (HTTP ``status``), ``hang`` (never
-    answers), ``cut`` (drops the connection mid-body).
+    answers), ``cut`` (drops the connection mid-body), ``slow`` (answers after ``delay`` s).
     """
 
     def __init__(self, page: bytes, models: list[dict[str, Any]] | None = None) -> None:
@@ -34,6 +34,7 @@ class PageServer:
         self.hits: Counter[str] = Counter()
         self.mode = "ok"
         self.status = 500
+        self.delay = 0.0
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -63,6 +64,8 @@ class PageServer:
             return web.Response(status=self.status, text="engine overloaded")
         if self.mode == "hang":
             await asyncio.sleep(3600)
+        if self.mode == "slow":
+            await asyncio.sleep(self.delay)
         if self.mode == "cut":
             resp = web.StreamResponse(headers={"Content-Length": str(len(self.page))})
             await resp.prepare(request)

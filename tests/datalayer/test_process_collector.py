@@ -46,6 +46,12 @@ async def test_process_collector_feeds_the_parent_pool(servers, caplog):
         assert "preempt" in m.custom and m.custom_time["preempt"] > 0
         assert ep.get_attribute("/v1/models") == (ModelInfo("base"), ModelInfo("a1", "base"))
 
+        # an exclusion made here (the request path) ends with the child's next good scrape
+        assert pool.exclude(ep, "test")
+        excluded_at = ep.excluded_at
+        await wait_until(lambda: ep.excluded_at == 0.0, what="readmitted by a scrape in the child")
+        assert ep.last_scrape_ok >= excluded_at
+
         # health, counters and logs cross the process boundary
         errors = counter(POLL_ERRORS, source_type="prometheus-data-source")
         flaky.mode = "status"

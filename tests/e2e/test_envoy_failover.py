@@ -8,19 +8,11 @@ import urllib.error
 import urllib.request
 
 import pytest
+from epp_configs import RANDOM_PICKER
 
 pytestmark = pytest.mark.envoy
 
-CONFIG = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: random-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: random-picker
-"""
+CONFIG = RANDOM_PICKER
 
 
 def call(url: str, timeout: float = 10.0) -> tuple[int, bytes]:

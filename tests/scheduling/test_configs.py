@@ -75,7 +75,8 @@ def test_example_c_header_filter() -> None:
     text = (EXAMPLES / "example-c-conformance.yaml").read_text()
     cfg = load_config(text)
     # the served-endpoint verifier is a response hook (tests/extproc/test_served_verifier.py)
-    assert [p.plugin_type for p in cfg.response_received] == ["destination-endpoint-served-verifier"]
+    assert [p.plugin_type for p in cfg.response_received] == ["destination-endpoint-served-verifier",
+                                                              "unreachable-endpoint-detector"]  # our default
     eps = [endpoint("10.0.3.1", 3000), endpoint("10.0.3.2", 3000), endpoint("10.0.3.3", 3000)]
     for _ in range(10):
         result, _ = decide(cfg, eps, chat_body("x"), {**CHAT, "test-epp-endpoint-selection": "10.0.3.2,10.0.3.3:3000"})

@@ -21,7 +21,6 @@ from typing import Any
 import aiohttp
 import pytest
 from epp_configs import RANDOM_PICKER
-from conftest import start_envoy, start_epp
 
 from epp.bench.chaosload import RequestLog, send_at_rate
 from epp.bench.chaos import MODEL, completion, respawn_sim, sim_ready, start_sims
@@ -38,12 +37,10 @@ def fleet(procs):
 
 
 @pytest.fixture(scope="module")
-def stack(procs, fleet):
-    epp = start_epp(procs, [s.address for s in fleet], config_text=RANDOM,
-                    extra=["--refresh-metrics-interval", "50ms"])
-    duplex = start_envoy(procs, "envoy.yaml", epp_port=epp.grpc_port)
-    buffered = start_envoy(procs, "envoy-buffered.yaml", epp_port=epp.grpc_port,
-                           fallback_endpoints=[s.address for s in fleet])
+def stack(fleet, epp_launcher, envoy_launcher):
+    epp = epp_launcher([s.address for s in fleet], config_text=RANDOM, extra=["--refresh-metrics-interval", "50ms"])
+    duplex = envoy_launcher("envoy.yaml", epp_port=epp.grpc_port)
+    buffered = envoy_launcher("envoy-buffered.yaml", epp_port=epp.grpc_port, fallback_endpoints=[s.address for s in fleet])
     return epp, duplex, buffered
 
 
@@ -151,18 +148,18 @@ def test_a_server_killed_mid_stream(procs, fleet, stack):
     asyncio.run(scenario())
 
 
-def test_the_proxy_reports_an_endpoint_it_cannot_reach_before_any_scrape(procs, fleet, port):
+def test_the_proxy_reports_an_endpoint_it_cannot_reach_before_any_scrape(fleet, port, epp_launcher, envoy_launcher):
     # EPPs that will not scrape within the test, so only the request path can notice that nobody
     # listens at the fourth endpoint; one per Envoy config (each learns it once).
     dead = f"127.0.0.1:{port}"
     extra = ["--refresh-metrics-interval", "1h", "--collector-mode", "inprocess"]
-    epps = [start_epp(procs, [*(s.address for s in fleet), dead], config_text=RANDOM, extra=extra, wait=False)
+    epps = [epp_launcher([*(s.address for s in fleet), dead], config_text=RANDOM, extra=extra, wait=False)
             for _ in range(2)]
     for epp in epps:
         epp.wait_ready()
-    envoys = [start_envoy(procs, "envoy.yaml", epp_port=epps[0].grpc_port),
-              start_envoy(procs, "envoy-buffered.yaml", epp_port=epps[1].grpc_port,
-                          fallback_endpoints=[s.address for s in fleet])]
+    envoys = [envoy_launcher("envoy.yaml", epp_port=epps[0].grpc_port),
+              envoy_launcher("envoy-buffered.yaml", epp_port=epps[1].grpc_port,
+                             fallback_endpoints=[s.address for s in fleet])]
 
     async def scenario() -> None:
         async with aiohttp.ClientSession() as session:

@@ -422,27 +422,14 @@ def dump(objs: list[Obj]) -> str:
 
 # ----------------------------------------------------------------------------- the EPP's own CLI
 
-# Flags of issue 12 (Kubernetes discovery) that the CLI marks "needs Kubernetes pod discovery"
-# (rejected) or "accepted, no effect" (ignored) until that work lands. Only these may be skipped
-# or ignored; any other unknown or ignored flag fails.
-PENDING_REJECTED = ("--endpoint-selector", "--endpoint-target-ports")
-PENDING_IGNORED = ("--pool-group", "--ha-enable-leader-election")
-
-
 def parse_serve(argv: list[str]) -> tuple[Any, argparse.Namespace]:
     """`epp serve ARGS` through the real parser and the server's own option validation."""
     from epp import cli as epp_cli
 
     assert argv and argv[0] == "serve", argv
-    parser = epp_cli.build_parser()
-    serve = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
-    rejected = getattr(epp_cli, "_RejectedFlag", ())
-    kept = [a for a in argv
-            if not (a.split("=", 1)[0] in PENDING_REJECTED
-                    and isinstance(serve._option_string_actions.get(a.split("=", 1)[0]), rejected))]
-    args = parser.parse_args(kept)
+    args = epp_cli.build_parser().parse_args(argv)
     ignored = set(getattr(args, "ignored_flags", []))
-    assert ignored <= set(PENDING_IGNORED), f"flags the EPP ignores: {sorted(ignored)}"
+    assert not ignored, f"flags the EPP ignores: {sorted(ignored)}"
     return epp_cli.serve_options(args), args
 
 

@@ -5,7 +5,8 @@ Director with flow control on (concurrency-detector, 8 endpoints x 4 slots): the
 filled, then N more requests arrive and park (each holds its stream, its routing coroutine,
 its queue entry). Measured:
 
-- memory per parked request (tracemalloc, Python allocations) and the process RSS growth;
+- memory per parked request (tracemalloc, Python allocations; in a second run, since tracing
+  slows allocation) and the process RSS growth;
 - CPU per request to arrive and park, against routing the same request with flow control off
   and with flow control on but capacity free (the fast path);
 - draining: each finished request frees a slot, the controller releases the next, its stream
@@ -92,7 +93,9 @@ def _route_cost(director: Director, n: int) -> float:
     return (time.process_time() - t0) / n * 1e6
 
 
-async def _park_and_drain(n: int) -> dict[str, Any]:
+async def _park_and_drain(n: int, *, trace: bool) -> dict[str, Any]:
+    """Park ``n`` requests, then drain them. ``trace``: measure Python allocations (tracemalloc
+    slows allocation down, so CPU and RSS come from a run without it)."""
     director = _director(GATE_ON)
     settings = StreamSettings(request_timeout=1e9)
     busy = []
@@ -114,7 +117,8 @@ async def _park_and_drain(n: int) -> dict[str, Any]:
 
     gc.collect()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tracemalloc.start()
+    if trace:
+        tracemalloc.start()
     mem0 = tracemalloc.get_traced_memory()[0]
     t0 = time.process_time()
     parked = []
@@ -126,7 +130,8 @@ async def _park_and_drain(n: int) -> dict[str, Any]:
         parked.append(s)
     park_us = (time.process_time() - t0) / n * 1e6
     mem1 = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
+    if trace:
+        tracemalloc.stop()
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queued = director.flow_snapshot()["queued"]  # type: ignore[index]
 
@@ -171,7 +176,8 @@ def run_flowcontrol_bench(out_dir: str | Path, smoke: bool = False) -> dict[str,
     _route_cost(_director(GATE_OFF), 200)  # warm up imports and caches
     result["route_cpu_us_gate_off"] = _route_cost(_director(GATE_OFF), route_n)
     result["route_cpu_us_fast_path"] = _route_cost(_director(GATE_ON), route_n)
-    result.update(asyncio.run(_park_and_drain(n)))
+    result.update(asyncio.run(_park_and_drain(n, trace=False)))
+    result["bytes_per_parked_request"] = asyncio.run(_park_and_drain(n, trace=True))["bytes_per_parked_request"]
     report.write_json(out / "result.json", result)
     write_summary(result, out)
     return result

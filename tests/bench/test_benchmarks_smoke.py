@@ -106,3 +106,18 @@ def test_discovery_smoke(tmp_path: Path) -> None:
     assert result["watch_path"]["events"] > 0 and result["visible_ms"]["all"]["n"] > 0
     assert result["request_ms"]["no_churn"]["n"] > 0 and result["request_ms"]["churn"]["n"] > 0
     assert "Discovery under pod churn" in (tmp_path / "discovery" / "summary.md").read_text()
+
+
+def test_quality_overload_smoke(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "epp", "bench", "quality", "--smoke", "--workloads", "overload",
+                        "--policies", "epp-flow-rr", "--no-peers", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    entry = json.loads((tmp_path / "quality" / "result.json").read_text())["workloads"]["overload"]
+    run = entry["runs"]["epp-flow-rr"]
+    assert set(run["groups"]) <= {"A", "B", "high"} and {"A", "B"} <= set(run["groups"])
+    assert run["accounted"] is True  # one flow-control outcome per request, gauges back at zero
+    assert run["accounting"]["flow_requests"] == run["requests"]
+    assert entry["idle_baseline"]["groups"]["A"]["requests"] == run["groups"]["A"]["requests"]
+    summary = (tmp_path / "quality" / "summary.md").read_text()
+    assert "| epp-flow-rr | A |" in summary and "A TTFT p90 / idle" in summary

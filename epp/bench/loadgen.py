@@ -26,6 +26,12 @@ SERVER_ADDRESS_HEADER = "x-sim-address"
 # The EPP's flow control (upstream's names): time queued, and why a request was refused.
 QUEUE_DURATION_HEADER = "x-llm-d-flow-queue-duration-ms"
 DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
+# Sent with every request so a router's decision log can be joined with the client's results.
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def request_id(index: int) -> str:
+    return f"bench-{index}"
 
 
 @dataclass(slots=True)
@@ -72,7 +78,8 @@ async def _one(session: aiohttp.ClientSession, url: str, req: BenchRequest, res:
                timeout: float) -> None:
     t0 = time.perf_counter()
     try:
-        async with session.post(url, json=req.body(stream=True), headers=dict(req.headers) if req.headers else None,
+        async with session.post(url, json=req.body(stream=True),
+                                headers={REQUEST_ID_HEADER: request_id(req.index), **dict(req.headers)},
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             res.status = resp.status
             res.server = resp.headers.get(SERVER_ADDRESS_HEADER, "")

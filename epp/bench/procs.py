@@ -4,7 +4,8 @@
 each is ready, and always stops them: on normal exit, on an exception, on Ctrl-C and on
 SIGTERM. Children run in their own session so a terminal Ctrl-C reaches only us and we stop
 them in reverse start order (Envoy before the EPP before the model servers); on Linux they
-also get ``PR_SET_PDEATHSIG`` so even a SIGKILLed parent does not leave orphans behind.
+also get ``PR_SET_PDEATHSIG`` so even a SIGKILLed parent does not leave orphans behind. Any
+thread may start children (one long-lived thread forks them all, see ``_Spawner``).
 
 Every child writes stdout+stderr to a log file (pipes would fill and block it); readiness
 checks tail that file or probe a port, and fail fast with the log tail when the child dies.
@@ -20,8 +21,10 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
+import queue
 import re
 import shutil
 import signal
@@ -208,15 +211,57 @@ _PDEATHSIG_EXEC = (
 
 
 def _with_pdeathsig(argv: Sequence[str]) -> list[str]:
-    """``argv`` wrapped so the kernel SIGTERMs the child when the thread that started it dies.
+    """``argv`` wrapped so the kernel SIGTERMs the child when the thread that forked it dies.
 
-    Children must therefore be started from a long-lived thread (we start them from the
-    caller's thread, normally the main thread; never from a short-lived worker thread).
+    That is the *thread*, not the process (PR_SET_PDEATHSIG follows the forking thread), so
+    every child is forked by ``_SPAWNER``'s one thread, which lives as long as the process.
     Linux only; elsewhere ``argv`` is returned unchanged.
     """
     if not sys.platform.startswith("linux"):
         return list(argv)
     return [sys.executable, "-I", "-c", _PDEATHSIG_EXEC, str(os.getpid()), *argv]
+
+
+class _Spawner:
+    """One daemon thread that forks every child, whichever thread asks.
+
+    A child started from a worker thread (``asyncio.to_thread``, a thread pool) would otherwise
+    get its death signal when that thread ends, long before the process does. The daemon
+    thread ends only with the process, which is exactly when the children should go.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue | None = None  # (make, future) pairs
+        self._thread: threading.Thread | None = None
+
+    def popen(self, make: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        """Run ``make`` (a ``subprocess.Popen(...)`` call) on the spawner thread; its result or error."""
+        if not sys.platform.startswith("linux"):
+            return make()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._jobs = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, args=(self._jobs,), name="epp-procs-spawner",
+                                                daemon=True)
+                self._thread.start()
+            jobs = self._jobs
+        assert jobs is not None
+        done: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
+        jobs.put((make, done))
+        return done.result()
+
+    @staticmethod
+    def _run(jobs: queue.SimpleQueue) -> None:
+        while True:
+            make, done = jobs.get()
+            try:
+                done.set_result(make())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
+
+
+_SPAWNER = _Spawner()
 
 
 class ProcessGroup:
@@ -299,7 +344,7 @@ class ProcessGroup:
         if env:
             full_env.update(env)
         with log_path.open("wb") as log:
-            popen = subprocess.Popen(  # noqa: S603 - argv built by our code
+            popen = _SPAWNER.popen(lambda: subprocess.Popen(  # noqa: S603 - argv built by our code
                 _with_pdeathsig(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -307,7 +352,7 @@ class ProcessGroup:
                 env=full_env,
                 cwd=cwd,
                 start_new_session=True,
-            )
+            ))
         proc = ManagedProcess(name=name, argv=list(argv), popen=popen, log_path=log_path)
         self.processes.append(proc)
         return proc

@@ -29,7 +29,7 @@ _MAX_TIERS = 24
 
 class BlockIndex:
     __slots__ = ("capacity", "_eps", "_other", "_bits", "_weights", "_mask_weight", "size",
-                 "admissions", "evictions")
+                 "admissions", "evictions", "_suspended")
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, tier_weights: Mapping[str, float] | None = None) -> None:
         if capacity <= 0:
@@ -45,6 +45,7 @@ class BlockIndex:
         self.size = 0
         self.admissions = 0  # entries added (upstream's kv_cache_index_admissions_total)
         self.evictions = 0  # entries dropped by the capacity bound
+        self._suspended: set[str] = set()  # endpoints whose entries are kept but not matched
 
     # --- tiers ------------------------------------------------------------------------------
     def tier_bit(self, tier: str) -> int:
@@ -128,12 +129,24 @@ class BlockIndex:
 
     def clear(self, endpoint: str) -> int:
         """Forget everything ``endpoint`` holds (AllBlocksCleared, publisher restart, removal)."""
+        self._suspended.discard(endpoint)  # nothing stale is left to hide
         od = self._eps.pop(endpoint, None)
         self._other.pop(endpoint, None)
         if od is None:
             return 0
         self.size -= len(od)
         return len(od)
+
+    def suspend(self, endpoint: str) -> None:
+        """Stop matching ``endpoint`` without forgetting it: its publisher disconnected, and until
+        its stream resumes we cannot tell a restart (the cache is gone) from a network blip."""
+        self._suspended.add(endpoint)
+
+    def resume(self, endpoint: str) -> None:
+        self._suspended.discard(endpoint)
+
+    def suspended(self, endpoint: str) -> bool:
+        return endpoint in self._suspended
 
     def _shrink(self) -> None:
         eps = self._eps
@@ -156,15 +169,16 @@ class BlockIndex:
 
     # --- reads (request path) ------------------------------------------------------------------
     def match(self, keys: Sequence[int], endpoints: Iterable[str]) -> dict[str, tuple[int, float]]:
-        """Per endpoint holding ``keys[0]``: (leading keys held, their tier-weighted sum)."""
+        """Per endpoint holding ``keys[0]`` (and not suspended): (leading keys held, their tier-weighted sum)."""
         out: dict[str, tuple[int, float]] = {}
         if not keys:
             return out
         first, last, total = keys[0], keys[-1], len(keys)
         eps = self._eps
+        suspended = self._suspended
         for ep in endpoints:
             od = eps.get(ep)
-            if od is None or first not in od:
+            if od is None or first not in od or (suspended and ep in suspended):
                 continue
             if last in od and all(map(od.__contains__, keys)):
                 n = total

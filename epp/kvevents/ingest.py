@@ -41,6 +41,8 @@ class Sink(Protocol):
     def add(self, endpoint: str, keys: Sequence[int], tier: str = GPU) -> None: ...
     def remove(self, endpoint: str, keys: Iterable[int], tier: str = GPU) -> int | None: ...
     def clear(self, endpoint: str) -> int | None: ...
+    def suspend(self, endpoint: str) -> None: ...
+    def resume(self, endpoint: str) -> None: ...
 
 
 @dataclass
@@ -130,6 +132,13 @@ class Ingestor:
         """Forget everything about ``endpoint`` (restart, AllBlocksCleared, removal from the pool)."""
         self.sources.pop(endpoint, None)
         self.sink.clear(endpoint)
+
+    def suspend(self, endpoint: str) -> None:
+        """Keep ``endpoint``'s blocks but stop matching them (its publisher disconnected)."""
+        self.sink.suspend(endpoint)
+
+    def resume(self, endpoint: str) -> None:
+        self.sink.resume(endpoint)
 
     def blocks(self, endpoint: str) -> int:
         src = self.sources.get(endpoint)

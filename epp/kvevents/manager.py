@@ -102,13 +102,16 @@ class Subscriptions:
         self._subs[key] = sub
         loop = asyncio.get_running_loop()
         mon = monitor(sock)
-        sub.tasks.append(loop.create_task(watch_connection(sock, mon, status, lambda _e: self._reconnected(sub)),
+        sub.tasks.append(loop.create_task(watch_connection(sock, mon, status, lambda e: self._on_connection(sub, e)),
                                           name=f"kv-events monitor {key}"))
         sock.connect(url)
         sub.tasks.append(loop.create_task(
             self._guard(pump(sock, lambda _topic: session, self._count_error, self.gate), key), name=f"kv-events {key}"))
 
-    def _reconnected(self, sub: _Subscription) -> None:
+    def _on_connection(self, sub: _Subscription, event: str) -> None:
+        if event == "disconnect":
+            sub.session.disconnected()
+            return
         sub.session.reconnected()
         sub.tasks = [t for t in sub.tasks if not t.done()]
         sub.tasks.append(asyncio.get_running_loop().create_task(self._guard(sub.session.verify(), sub.session.endpoint)))

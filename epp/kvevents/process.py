@@ -32,7 +32,7 @@ from epp.kvevents.manager import Subscriptions
 
 log = logging.getLogger(__name__)
 
-ADD, REMOVE, CLEAR = 0, 1, 2
+ADD, REMOVE, CLEAR, SUSPEND, RESUME = 0, 1, 2, 3, 4
 PIPE_HIGH_WATER = 32 << 20
 
 
@@ -68,6 +68,12 @@ class Recorder:
     def clear(self, endpoint: str) -> None:
         self.ops.append((CLEAR, endpoint, "", ()))
 
+    def suspend(self, endpoint: str) -> None:
+        self.ops.append((SUSPEND, endpoint, "", ()))
+
+    def resume(self, endpoint: str) -> None:
+        self.ops.append((RESUME, endpoint, "", ()))
+
     def take(self) -> list[tuple[int, str, str, list[int]]]:
         ops, self.ops = self.ops, []
         return ops
@@ -80,8 +86,12 @@ def apply_ops(index: BlockIndex, ops: list[tuple[int, str, str, list[int]]]) -> 
             add(endpoint, keys, tier)
         elif op == REMOVE:
             remove(endpoint, keys, tier)
-        else:
+        elif op == CLEAR:
             clear(endpoint)
+        elif op == SUSPEND:
+            index.suspend(endpoint)
+        else:
+            index.resume(endpoint)
 
 
 class ProcessFeed:

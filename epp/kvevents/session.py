@@ -16,6 +16,13 @@ message of one publisher, in order, and decides:
 - seq <= last: the publisher restarted (its cache is empty): clear the endpoint, then treat
   the message as a first one.
 
+When the transport loses the publisher (its TCP connection closed: almost always the engine
+process going away, whose cache goes with it), the endpoint's blocks are *suspended*: kept, but
+not matched, until the stream is settled again: the publisher's next batch (or, with a replay
+socket, the check made at once on reconnect) either continues our sequence (a network blip:
+the blocks are matched again) or starts over (a restart: they are cleared). Without this, a
+restarted engine keeps attracting its old prefixes on stale blocks until its first new batch.
+
 A replay whose buffer no longer reaches our point resets the endpoint and applies what it
 got: what was stored before that window is unknown, so it is dropped rather than guessed.
 Live messages that were queued while a replay ran and that the replay already covered are
@@ -67,6 +74,7 @@ class SessionStatus:
     replay_failures: int = 0
     resets: int = 0  # replays that could not cover the gap: the endpoint was cleared
     reconnections: int = 0
+    suspended: bool = False  # disconnected: its blocks are not matched until the stream resumes
     errors: dict[str, int] = field(default_factory=dict)  # reason -> count (decode, seq, ...)
     last_message_at: float = 0.0  # wall clock of the last message received
     last_batch_ts: float = 0.0  # the engine's timestamp of the last batch applied
@@ -103,6 +111,18 @@ class Session:
         return self._last
 
     # --- input ------------------------------------------------------------------------------
+    def disconnected(self) -> None:
+        """The transport lost the publisher: stop matching its blocks until its stream resumes."""
+        if not self.status.suspended:
+            self.status.suspended = True
+            self.ingestor.suspend(self.endpoint)
+
+    def _settled(self) -> None:
+        """The stream is back and reconciled (continued, replayed or restarted): match it again."""
+        if self.status.suspended:
+            self.status.suspended = False
+            self.ingestor.resume(self.endpoint)
+
     def reconnected(self) -> None:
         """The transport lost and regained the publisher: verify the stream on the next message
         (and, with a replay socket, at once: ``verify()``)."""
@@ -117,10 +137,12 @@ class Session:
                 return
             self._suspect = False
             await self._catch_up(None, b"")
+            self._settled()
 
     async def on_message(self, seq_frame: bytes, payload: bytes) -> None:
         async with self._lock:
             await self._on_message(seq_frame, payload)
+            self._settled()
 
     async def _on_message(self, seq_frame: bytes, payload: bytes) -> None:
         st = self.status
@@ -159,6 +181,7 @@ class Session:
         self._last = None
         self._dup = None
         self.status.last_seq = None
+        self.status.suspended = False  # cleared: nothing stale is left to hide
         self.ingestor.clear(self.endpoint)
 
     # --- internals ---------------------------------------------------------------------------

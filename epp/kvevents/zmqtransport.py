@@ -1,8 +1,11 @@
 """ZMQ sockets for KV events: a SUB per publisher (or one bound SUB), and replay over DEALER.
 
 Socket options: ``RCVHWM`` bounds what a flooding publisher can queue here (past it ZMQ
-drops, and the session sees a gap); reconnection is ZMQ's own (100 ms, backing off to 5 s,
-as llm-d's 5 s retry); ``LINGER 0`` so closing never blocks. A socket monitor reports
+drops, and the session sees a gap); reconnection is ZMQ's own, every 100 ms backing off to
+500 ms at most (``RECONNECT_IVL_MAX``): a restarted engine's first batches go to nobody until we
+are connected again, and without a replay socket they are lost for good (the chains they start
+stay unknown: their later blocks are skipped as unknown parents), so the bound is kept short;
+an attempt costs one TCP SYN. ``LINGER 0`` so closing never blocks. A socket monitor reports
 connects and disconnects for /debug and the reconnection counter.
 
 Replay (vLLM ``replay_endpoint``, a ROUTER): send ``[empty, start seq (8 bytes BE)]`` and read
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 REPLAY_IDLE_TIMEOUT = 2.0
 REPLAY_TOTAL_TIMEOUT = 120.0
 YIELD_EVERY = 64  # messages handled before letting other subscriptions run
+RECONNECT_IVL_MAX_MS = 500  # see the module docstring
 
 
 def tcp_address(host: str, port: int) -> str:
@@ -42,7 +46,7 @@ def make_sub(ctx: zmq.asyncio.Context, topic_filter: str, hwm: int) -> zmq.async
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
     sock.setsockopt(zmq.IPV6, 1)  # dial [::1]-style endpoints too; IPv4 still works
     sock.setsockopt(zmq.SUBSCRIBE, topic_filter.encode())
     return sock
@@ -117,6 +121,8 @@ async def watch_connection(sock: zmq.asyncio.Socket, mon: zmq.asyncio.Socket, st
                 ever = True
             elif event == zmq.EVENT_DISCONNECTED:
                 status.connected = False
+                if on_event is not None:
+                    on_event("disconnect")
     except (asyncio.CancelledError, zmq.ZMQError):
         pass
     finally:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from epp.bench.kvpressure import tail_composition
+from epp.bench.loadgen import RequestResult
 from epp.bench.workloads import kv_pressure
 
 
@@ -21,6 +23,20 @@ def test_kv_pressure_workload_shape() -> None:
     assert wl.params["prefix_working_set_tokens"] > 0.6 * 4 * 2048 * 16  # most of the fleet's KV cache
     again = kv_pressure(seed=1, rate=10.0, duration=60.0, servers=4)
     assert [(r.at, r.direct, r.group) for r in again.requests] == [(r.at, r.direct, r.group) for r in wl.requests]
+
+
+def test_tail_composition_names_what_the_p90_is_made_of() -> None:
+    def req(i: int, at: float, ttft: float, cached: int) -> RequestResult:
+        return RequestResult(index=i, group="t", prompt_tokens=1000, scheduled=at, status=200, ttft=ttft,
+                             e2e=ttft + 1, cached_tokens=cached)
+
+    # 20 requests: 16 hits (0.1 s), 4 misses (2 s each, two sent in the warm-up that ends at 10 s).
+    ok = [req(i, 5.0 + i, 0.1, 900) for i in range(16)]
+    ok += [req(16, 1.0, 2.0, 16), req(17, 2.0, 2.0, 0), req(18, 30.0, 2.0, 400), req(19, 31.0, 2.0, 499)]
+    c = tail_composition(ok, time_scale=1.0, warmup_end=10.0)
+    assert c["miss_rate"] == 4 / 20 and c["miss_ttft_p50"] == 2.0
+    assert c["tail_miss_share"] == 1.0 and c["tail_warmup_share"] == 0.5
+    assert tail_composition([], 1.0, 10.0) == {}
 
 
 def test_kv_pressure_smoke(tmp_path: Path) -> None:
@@ -38,3 +54,4 @@ def test_kv_pressure_smoke(tmp_path: Path) -> None:
         assert run["ok"] > 0 and 0.0 <= run["hit_rate"] <= 1.0
     summary = (tmp_path / "quality" / "summary.md").read_text()
     assert "### kv-pressure" in summary and "| precise x2 |" in summary and "Targets:" in summary
+    assert "Where the p90 comes from" in summary

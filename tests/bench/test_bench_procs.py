@@ -154,6 +154,30 @@ def test_sigkill_of_the_parent_does_not_orphan_children(tmp_path: Path) -> None:
             bench.wait()
 
 
+def test_a_child_started_from_a_worker_thread_outlives_that_thread(tmp_path: Path) -> None:
+    # PR_SET_PDEATHSIG fires when the *forking thread* ends: a child started from a short-lived
+    # worker (asyncio.to_thread) must still live as long as the process, and stop with the group.
+    import threading
+
+    with ProcessGroup(tmp_path) as group:
+        started: list = []
+
+        def worker() -> None:
+            proc = group.start("from-worker", [PY, "-c", "print('up', flush=True); import time; time.sleep(60)"])
+            group.wait_for_log(proc, "up")  # past the wrapper's prctl: the death signal is armed
+            started.append(proc)
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join(30)
+        (proc,) = started
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # a signal tied to the worker arrives within ms of its exit
+            assert alive(proc.pid), "the child died with the thread that started it"
+            time.sleep(0.05)
+    assert proc.popen.returncode is not None
+
+
 async def test_async_context_manager(tmp_path: Path) -> None:
     async with ProcessGroup(tmp_path) as group:
         proc = group.start("sleeper", [PY, "-c", "print('up', flush=True); import time; time.sleep(60)"])

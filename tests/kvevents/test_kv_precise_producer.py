@@ -90,6 +90,17 @@ async def test_producer_follows_the_pool_and_feeds_the_scorer(loopback, mode):
         assert sample >= 1.0
         assert REGISTRY.get_sample_value("llm_d_epp_kv_cache_index_lookup_requests_total") >= 3
 
+        # Endpoint 1's publisher goes away: its blocks are kept but not matched; they are matched
+        # again once its stream is back (the replay check shows it is the same publisher).
+        old = pubs[1]
+        old.close()
+        await eventually(lambda: route(prompt)[0][keys[1]] == 0, what="endpoint 1's blocks set aside")
+        assert producer.index.entries(keys[1]) == 4
+        pubs[1] = Publisher(f"tcp://{hosts[1]}:{port}", f"tcp://{hosts[1]}:{replay}", topic=f"kv@{hosts[1]}:8000@m")
+        pubs[1].seq, pubs[1].buffer = old.seq, old.buffer
+        await published(pubs[1:], lambda: route(prompt)[0][keys[1]] == 4, what="endpoint 1 matched again")
+        assert {s["endpoint"]: s for s in producer.debug_state()["subscriptions"]}[keys[1]]["restarts"] == 0
+
         # The endpoint leaves the pool: its subscription and its blocks go.
         pool.sync([EndpointMetadata(address=h, port=8000) for h in hosts[1:]])
         assert producer.index.entries(keys[0]) == 0

@@ -134,6 +134,49 @@ async def test_replay_fills_what_was_missed_and_a_restart_clears(loopback):
         pub.close()
 
 
+async def test_a_lost_publisher_is_not_matched_until_its_stream_resumes(loopback):
+    # The config has no replay socket. A restarted engine must not keep attracting its old
+    # prefixes on stale blocks until its first new batch; a network blip must not lose them.
+    host = loopback + "5"
+    rig = Rig([host], replay=False)
+    key = rig.key(host)
+    pub = rig.publisher(host)
+    engine = EngineModel(16, 64)
+    probe = rig.hasher.keys(SYSTEM, rig.hasher.root())
+    await rig.subs.start()
+    try:
+        rig.subs.track(key, host)
+        await eventually(lambda: rig.status(host)["connected"], what="connection")
+        await published([pub], lambda: rig.status(host)["last_seq"] is not None, what="a first batch")
+        pub.publish(engine.store(SYSTEM + [_rng.randrange(100_000) for _ in range(40)]))
+        await published([pub], lambda: rig.index.match(probe, [key]) == {key: (3, 3.0)}, what="the prefix")
+        # The connection drops: the blocks are kept but not matched.
+        pub.close()
+        await eventually(lambda: rig.status(host)["suspended"], what="suspension")
+        assert rig.index.match(probe, [key]) == {} and rig.index.entries(key) > 0
+        # A blip: the same engine's stream goes on where it was: matched again, nothing cleared.
+        pub = rig.publisher(host)
+        pub.seq = engine_seq = rig.status(host)["last_seq"] + 1
+        await published([pub], lambda: not rig.status(host)["suspended"], what="the stream to resume")
+        assert rig.index.match(probe, [key]) == {key: (3, 3.0)}
+        assert rig.status(host)["restarts"] == 0 and rig.status(host)["last_seq"] >= engine_seq
+        # A restart: suspended at the disconnect, then cleared by the new sequence.
+        pub.close()
+        await eventually(lambda: rig.status(host)["suspended"], what="suspension")
+        assert rig.index.match(probe, [key]) == {}
+        engine = EngineModel(16, 64)
+        pub = rig.publisher(host)
+        await published([pub], lambda: rig.status(host)["restarts"] == 1, what="the restart to be seen")
+        assert not rig.status(host)["suspended"] and rig.index.entries(key) == 0
+        pub.publish(engine.store(SYSTEM[:16] + [_rng.randrange(100_000) for _ in range(32)]))
+        await published([pub], lambda: set(rig.index.holdings(key)) == expected(engine, rig.hasher),
+                        what="the restarted engine's blocks only")
+        assert rig.index.match(probe, [key]) == {key: (1, 1.0)}
+    finally:
+        await rig.subs.stop()
+        pub.close()
+
+
 async def test_garbage_is_counted_and_never_stops_the_stream(loopback, caplog):
     host = loopback + "5"
     rig = Rig([host], replay=False)

@@ -47,6 +47,9 @@ class _NullTransport:
     def close(self) -> None:
         pass
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
 
 def _grpc(message: Any) -> bytes:
     raw = message.SerializeToString()

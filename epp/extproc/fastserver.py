@@ -1,4 +1,4 @@
-"""A small HTTP/2 + gRPC server for the ext_proc port, built on one asyncio Protocol.
+"""A small gRPC server for the ext_proc port, on our own HTTP/2 core (``epp.extproc.h2``).
 
 Why: with grpcio's asyncio server every message crosses a completion-queue poller thread
 and several event-loop hops; on the ext_proc path (about 11 messages per request in full
@@ -6,14 +6,12 @@ duplex) that machinery cost ~4x more CPU than the EPP's own work. Here a whole b
 frames is parsed in one ``data_received`` call, fed synchronously to the stream state
 machines (``ExtProcStream``), and every answer of the burst leaves in one ``write``.
 
-Scope: exactly what gRPC over HTTP/2 needs from Envoy's (or any gRPC client's) side:
-the client preface and SETTINGS, HEADERS/CONTINUATION (HPACK decoding via ``hpack``),
-DATA with length-prefixed gRPC messages (no compression), flow control in both directions,
-PING, RST_STREAM and GOAWAY. Methods: ``ExternalProcessor/Process`` and the
-``grpc.health.v1.Health`` service (Check, List; Watch sends the current status and stays
-open); anything else gets UNIMPLEMENTED. TLS (ALPN h2) with certificate files that are
-re-read when they change (the listener is re-opened with the new certificate; open
-connections keep theirs).
+Layers: ``epp.extproc.h2`` is HTTP/2 (framing, stream states, flow control, limits); this
+module is gRPC over it (length-prefixed messages, status trailers) and the methods served:
+``ExternalProcessor/Process`` and the ``grpc.health.v1.Health`` service (Check, List; Watch
+sends the current status and stays open); anything else gets UNIMPLEMENTED. No message
+compression. TLS (ALPN h2) with certificate files that are re-read when they change (the
+listener is re-opened with the new certificate; open connections keep theirs).
 """
 
 from __future__ import annotations
@@ -30,9 +28,29 @@ from urllib.parse import quote
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
-from hpack import Decoder
-from hpack.exceptions import HPACKError
 
+from epp.extproc.h2.connection import H2Connection
+from epp.extproc.h2.frames import (  # noqa: F401  (re-exported: tests and benchmarks build frames)
+    CONTINUATION,
+    DATA,
+    F_END_HEADERS,
+    F_END_STREAM,
+    F_PADDED,
+    F_PRIORITY,
+    GOAWAY,
+    HEADER,
+    HEADERS,
+    PING,
+    PREFACE,
+    PRIORITY,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+)
+from epp.extproc.h2.headers import Block, hpack_int, literal
+from epp.extproc.h2.limits import Limits
+from epp.extproc.h2.stream import H2Stream
 from epp.extproc.health import HealthService
 from epp.extproc.messages import FULL_DUPLEX, parse_response_body, streamed_chunk_head, streamed_response_chunk
 from epp.extproc.service import ExtProcService, serialize
@@ -41,22 +59,6 @@ from epp.extproc.tls import CertificateReloader, self_signed_certificate
 
 log = logging.getLogger(__name__)
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-F_END_STREAM = 0x1
-F_ACK = 0x1
-F_END_HEADERS = 0x4
-F_PADDED = 0x8
-F_PRIORITY = 0x20
-
-MAX_WINDOW = 2**31 - 1
-_HALF_WINDOW = MAX_WINDOW // 2
-DEFAULT_WINDOW = 65535
-OUR_MAX_FRAME = 1 << 20  # we accept 1 MiB frames: fewer frames for large bodies
-MAX_STREAMS = 100_000
-PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR = 0x1, 0x3, 0x6, 0x9
-CANCEL = 0x8
-
 PROCESS_PATH = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
 HEALTH_LIST = b"/grpc.health.v1.Health/List"
@@ -64,8 +66,10 @@ HEALTH_WATCH = b"/grpc.health.v1.Health/Watch"
 
 GRPC_OK, GRPC_INVALID_ARGUMENT, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED, GRPC_INTERNAL = 0, 3, 8, 12, 13
 
-_HDR = struct.Struct(">BHBBI")  # 24-bit length as (high byte, low 16 bits), type, flags, stream id
 _U32 = struct.Struct(">I")  # the gRPC message length
+# Module-level names, not imported ones: CPython 3.11 compiles ``imported_name.pack(...)``
+# to LOAD_ATTR + a bound method per call instead of LOAD_METHOD (~2% of a streamed chunk).
+_HDR = HEADER
 
 
 def _echo_head(n: int) -> bytes:
@@ -80,117 +84,72 @@ _ECHO_HEADS: dict[int, bytes] = {}
 _ECHO_HEADS_MAX = 8192
 _ECHO_HEAD_MAX_LEN = 1 << 16
 
-
-def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _HDR.pack(n >> 16, n & 0xFFFF, ftype, flags, sid) + payload
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = bytearray([first | limit])
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    """Literal header field without indexing, new name, no Huffman (RFC 7541 §6.2.2)."""
-    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
-
-
 # :status 200 is static entry 8; content-type is static name 31.
-RESPONSE_HEADERS = b"\x88" + _hpack_int(31, 4) + _hpack_int(16, 7) + b"application/grpc"
-TRAILERS_OK = _literal(b"grpc-status", b"0")
+RESPONSE_HEADERS = b"\x88" + hpack_int(31, 4) + hpack_int(16, 7) + b"application/grpc"
+TRAILERS_OK = literal(b"grpc-status", b"0")
 
 
 def _trailers(status: int, message: str = "") -> bytes:
     if status == GRPC_OK and not message:
         return TRAILERS_OK
-    block = _literal(b"grpc-status", str(status).encode())
+    block = literal(b"grpc-status", str(status).encode())
     if message:
-        block += _literal(b"grpc-message", quote(message, safe=" !#$&'()*+,/:;=?@[]~").encode())
+        block += literal(b"grpc-message", quote(message, safe=" !#$&'()*+,/:;=?@[]~").encode())
     return block
 
 
-class _CountingTable:
-    """Counts insertions into an hpack HeaderTable (evictions only follow an insertion or a
-    resize), so "the dynamic table did not change" is an exact test."""
+class _Stream(H2Stream):
+    """One HTTP/2 stream carrying one gRPC call: length-prefixed messages in, answers out."""
 
-    def __init__(self, table: Any) -> None:
-        self.table = table
-        self.inserts = 0
-        add = table.add
-
-        def counting_add(name: bytes, value: bytes) -> Any:
-            self.inserts += 1
-            return add(name, value)
-
-        table.add = counting_add
-
-    def state(self) -> tuple[int, int]:
-        return (self.inserts, self.table.maxsize)
-
-
-class _H2Error(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _Stream:
-    """One HTTP/2 stream carrying one gRPC call."""
-
-    __slots__ = ("conn", "sid", "buf", "send_window", "pending", "pending_trailers", "headers_sent",
-                 "local_closed", "remote_closed", "recv_unacked", "echo")
+    __slots__ = ("buf",)
+    conn: "_Connection"
 
     def __init__(self, conn: "_Connection", sid: int) -> None:
-        self.conn = conn
-        self.sid = sid
-        self.buf = bytearray()
-        self.send_window = conn.peer_initial_window
-        self.pending = bytearray()  # DATA waiting for flow-control window
-        self.pending_trailers: bytes | None = None
-        self.headers_sent = False
-        self.local_closed = False
-        self.remote_closed = False
-        self.recv_unacked = 0
-        # True while every DATA frame is expected to be one response chunk to echo (full
-        # duplex, response headers answered): the frame loop then calls ``echo_frame``.
-        self.echo = False
+        super().__init__(conn, sid)
+        self.buf = bytearray()  # a message that has not fully arrived yet
 
     # --- input -----------------------------------------------------------------------------
     def on_data(self, data: bytes, end_stream: bool) -> None:
         if data and not self.local_closed:
-            buf = self.buf
-            if not buf and len(data) >= 5 and data[0] == 0 and int.from_bytes(data[1:5], "big") == len(data) - 5:
+            if not self.buf and len(data) >= 5 and data[0] == 0 and int.from_bytes(data[1:5], "big") == len(data) - 5:
                 self.on_message(data[5:])  # the common case: one whole message per DATA frame
             else:
-                buf += data
-                while len(buf) >= 5 and not self.local_closed:
-                    if buf[0] != 0:
-                        self.finish(GRPC_UNIMPLEMENTED, "compressed messages are not supported")
-                        break
-                    n = int.from_bytes(buf[1:5], "big")
-                    if n > self.conn.server.max_message:
-                        buf.clear()
-                        self.finish(GRPC_RESOURCE_EXHAUSTED, f"message of {n} bytes is larger than the "
-                                                             f"maximum {self.conn.server.max_message}")
-                        break
-                    if len(buf) < 5 + n:
-                        break
-                    msg = bytes(buf[5:5 + n])
-                    del buf[:5 + n]
-                    self.on_message(msg)
-        if end_stream:
-            self.remote_closed = True
-            self.on_half_close()
-            self.conn.maybe_drop(self)
+                self.buf += data
+                self._messages()
+        if end_stream and not self.local_closed:
+            if self.buf:
+                self.error(GRPC_INTERNAL, f"the request ended inside a message ({len(self.buf)} bytes of it)",
+                           "protocol-error")
+            else:
+                self.on_half_close()
+
+    def _messages(self) -> None:
+        """Deliver the whole messages in ``buf``; ask for window for a large one still coming."""
+        buf = self.buf
+        conn = self.conn
+        while len(buf) >= 5 and not self.local_closed:
+            if buf[0] != 0:
+                self.error(GRPC_UNIMPLEMENTED, "compressed messages are not supported", "protocol-error")
+                break
+            n = int.from_bytes(buf[1:5], "big")
+            if n > conn.max_message:
+                self.error(GRPC_RESOURCE_EXHAUSTED, f"message of {n} bytes is larger than the maximum "
+                                                    f"{conn.max_message}", "rejected")
+                break
+            if len(buf) < 5 + n:
+                if 5 + n > conn.stream_window:
+                    self.held = len(buf)
+                    conn.grant(self, 5 + n)
+                break
+            msg = bytes(buf[5:5 + n])
+            del buf[:5 + n]
+            if self.granted:
+                conn.release(self)
+            self.held = len(buf)
+            self.on_message(msg)
+        if self.local_closed:
+            buf.clear()
+        self.held = len(buf)
 
     def on_message(self, raw: bytes) -> None:
         raise NotImplementedError
@@ -199,8 +158,15 @@ class _Stream:
         if not self.local_closed:
             self.finish(GRPC_OK)
 
-    def on_reset(self) -> None:
-        """The peer reset the stream or the connection went away."""
+    def fail(self, exc: BaseException) -> None:
+        if self.local_closed:
+            super().fail(exc)
+        else:
+            self.error(GRPC_INTERNAL, f"internal error: {type(exc).__name__}", "internal-error")
+
+    def error(self, status: int, message: str, outcome: str) -> None:
+        """End the call with an error status; ``outcome`` names it in the stream metrics."""
+        self.finish(status, message)
 
     # --- output ----------------------------------------------------------------------------
     def send_message(self, payload: bytes) -> None:
@@ -215,17 +181,20 @@ class _Stream:
         if self.local_closed:
             return
         self.local_closed = True
-        self.echo = False
+        self.fast = False
         block = _trailers(status, message)
         if not self.headers_sent:
             self.headers_sent = True
             block = RESPONSE_HEADERS + block  # trailers-only response
-        if self.pending:
-            self.pending_trailers = block
-        else:
-            self.conn.out.append(frame(HEADERS, F_END_HEADERS | F_END_STREAM, self.sid, block))
+        conn = self.conn
+        conn.send_headers(self, block, True)
+        if self.buf:
+            self.buf.clear()
+        self.held = 0
+        if self.granted:
+            conn.release(self)
         self.on_local_close()
-        self.conn.maybe_drop(self)
+        conn.maybe_drop(self)
 
     def on_local_close(self) -> None:
         pass
@@ -242,33 +211,36 @@ class _ProcessStream(_Stream):
         service.active_streams += 1
         self.timer: asyncio.TimerHandle | None = conn.loop.call_later(service.settings.request_timeout, self._deadline)
 
-    def echo_frame(self, payload: bytes) -> bool:
+    def fast_data(self, payload: bytes) -> bool:
         """The per-token hot path: one DATA frame (no flags) holding one whole gRPC message
         with one response chunk, in full duplex. Decodes it by hand, lets the state machine
         see the chunk and queues the echo as one DATA frame from a cached header. Returns
         False, having done nothing, for anything else (the general path then takes it):
-        compressed or partial messages, other message kinds, the end of the response."""
+        compressed or partial messages, other message kinds, the end of the response, and a
+        frame beyond a flow-control window."""
         n = len(payload)
         # struct (warm: the frame loop just used it) rather than int.from_bytes on a slice: on
         # the per-token path every C function touched costs microseconds when caches are cold.
         if n <= 5 or payload[0] or _U32.unpack_from(payload, 1)[0] != n - 5 or self.buf:
             return False
+        conn = self.conn
+        window = self.recv_window - n
+        conn_window = conn.recv_window - n
+        if window < 0 or conn_window < 0:
+            return False  # the general path raises the flow-control error
         parsed = parse_response_body(payload, 5)
         if parsed is None or parsed[1]:
             return False
-        conn = self.conn
-        # Flow control: we advertised huge windows; give credit back once half is used.
-        conn.recv_conn_unacked += n
-        if conn.recv_conn_unacked > _HALF_WINDOW:
-            conn.out.append(frame(WINDOW_UPDATE, 0, 0, conn.recv_conn_unacked.to_bytes(4, "big")))
-            conn.recv_conn_unacked = 0
-        self.recv_unacked += n
-        if self.recv_unacked > _HALF_WINDOW:
-            conn.out.append(frame(WINDOW_UPDATE, 0, self.sid, self.recv_unacked.to_bytes(4, "big")))
-            self.recv_unacked = 0
+        # Credit is due for what we consume; returned in batches (FlowControl.replenish).
+        self.recv_window = window
+        if window < conn.stream_low:
+            conn.replenish(self)
+        conn.recv_window = conn_window
+        if conn_window < conn.connection_low:
+            conn.replenish_connection()
         out = self.machine.duplex_chunk(parsed[0])
         if out.__class__ is not bytes:  # the chunk failed the stream: send its answers, end
-            self.echo = False
+            self.fast = False
             for resp in out:  # type: ignore[union-attr]
                 self.send_message(serialize(resp))
             self.finish(GRPC_OK)
@@ -293,7 +265,7 @@ class _ProcessStream(_Stream):
         try:
             req = pb.ProcessingRequest.FromString(raw)
         except DecodeError as e:
-            self.finish(GRPC_INVALID_ARGUMENT, f"cannot decode ProcessingRequest: {e}")
+            self.error(GRPC_INVALID_ARGUMENT, f"cannot decode ProcessingRequest: {e}", "protocol-error")
             return
         machine = self.machine
         self._send(machine.on_message(req))
@@ -309,8 +281,13 @@ class _ProcessStream(_Stream):
             self.send_message(serialize(resp))
         if machine.closed:
             self.finish(GRPC_OK)  # like returning from the handler after an ImmediateResponse
-        self.echo = (machine.state == RESPONSE_BODY and machine.resp_mode == FULL_DUPLEX
-                     and self.headers_sent and not self.local_closed)
+        self.fast = (machine.state == RESPONSE_BODY and machine.resp_mode == FULL_DUPLEX and self.headers_sent
+                     and not self.local_closed and not self.remote_closed and self.content_length is None)
+
+    def error(self, status: int, message: str, outcome: str) -> None:
+        if not self.machine.outcome:
+            self.machine.outcome = outcome
+        self.finish(status, message)
 
     def _resume(self) -> None:
         """Routing that waited can go on (called from the event loop, not from a frame)."""
@@ -332,13 +309,14 @@ class _ProcessStream(_Stream):
 
     def _deadline(self) -> None:
         self.timer = None
-        if self.local_closed:
-            return
+        if not self.local_closed:
+            self.conn.call_stream(self, self._on_deadline)
+
+    def _on_deadline(self) -> None:
         for resp in self.machine.on_deadline():
             self.send_message(serialize(resp))
         if self.machine.closed:
             self.finish(GRPC_OK)
-        self.conn.flush()
 
     def on_local_close(self) -> None:
         self._finalise()
@@ -385,291 +363,33 @@ class _HealthStream(_Stream):
             self.finish(GRPC_INTERNAL, "no request message")
 
 
-class _Connection(asyncio.Protocol):
+class _UnknownMethod(_Stream):
+    __slots__ = ()
+
+    def on_message(self, raw: bytes) -> None:
+        pass  # already finished: nothing is delivered
+
+
+class _Connection(H2Connection):
+    """The gRPC layer of one connection: streams by method."""
+
+    __slots__ = ("server", "max_message")
+
     def __init__(self, server: "FastExtProcServer") -> None:
+        super().__init__(server.limits, server.connections)
         self.server = server
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.preface_seen = False
-        self.decoder = Decoder()
-        self.hpack_cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        self.hpack_state: tuple = ()
-        self.hpack_table = _CountingTable(self.decoder.header_table)
-        self.streams: dict[int, _Stream] = {}
-        self.last_sid = 0
-        self.peer_initial_window = DEFAULT_WINDOW
-        self.peer_max_frame = 16384
-        self.send_conn_window = DEFAULT_WINDOW
-        self.recv_conn_unacked = 0
-        self.header_sid = 0
-        self.header_flags = 0
-        self.header_block: bytearray | None = None
-        self.out: list[bytes] = []
-        self.closing = False
-        self.blocked: dict[int, _Stream] = {}  # streams with DATA waiting for window
+        self.max_message = server.max_message
 
-    # --- asyncio.Protocol --------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.server.connections.add(self)
-        settings = struct.pack(">HIHIHI", 0x3, MAX_STREAMS, 0x4, MAX_WINDOW, 0x5, OUR_MAX_FRAME)
-        self.out.append(frame(SETTINGS, 0, 0, settings))
-        self.out.append(frame(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
-        self.flush()
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        # Frames are parsed straight from ``data`` unless a partial frame (or the preface) is
-        # pending: a streamed token is one small DATA frame per read, not worth two copies.
-        src: bytes | bytearray
-        if buf or not self.preface_seen:
-            buf += data
-            src = buf
-        else:
-            src = data
-        try:
-            pos = 0
-            if not self.preface_seen:
-                if len(buf) < len(PREFACE):
-                    return
-                if buf[:len(PREFACE)] != PREFACE:
-                    raise _H2Error(PROTOCOL_ERROR, "not an HTTP/2 client (bad preface)")
-                self.preface_seen = True
-                pos = len(PREFACE)
-            end = len(src)
-            unpack = _HDR.unpack_from
-            streams = self.streams
-            copy = src is buf  # slices of the bytearray must not alias it
-            while end - pos >= 9:
-                hi, lo, ftype, flags, sid = unpack(src, pos)
-                length = hi << 16 | lo
-                if length > OUR_MAX_FRAME:
-                    raise _H2Error(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds our maximum")
-                if end - pos - 9 < length:
-                    break
-                payload = bytes(src[pos + 9:pos + 9 + length]) if copy else src[pos + 9:pos + 9 + length]
-                pos += 9 + length
-                if ftype == DATA and self.header_block is None:
-                    sid &= 0x7FFFFFFF
-                    if not flags:
-                        st = streams.get(sid)
-                        if st is not None and st.echo and st.echo_frame(payload):  # type: ignore[attr-defined]
-                            continue
-                    self._data(flags, sid, payload)
-                else:
-                    self._frame(ftype, flags, sid & 0x7FFFFFFF, payload)
-            if copy:
-                if pos:
-                    del buf[:pos]
-            elif pos < end:
-                buf += src[pos:]  # the start of a frame that continues in the next read
-        except _H2Error as e:
-            log.warning("HTTP/2 connection error from %s: %s", self._peer(), e)
-            self._goaway(e.code, str(e))
-        except Exception:
-            log.exception("ext_proc connection failed")
-            self._goaway(PROTOCOL_ERROR, "internal error")
-        finally:
-            self.flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
-        streams = list(self.streams.values())
-        self.streams.clear()
-        self.blocked.clear()
-        for st in streams:
-            st.on_reset()
-
-    # --- frames ------------------------------------------------------------------------------
-    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
-        if self.header_block is not None and ftype != CONTINUATION:
-            raise _H2Error(PROTOCOL_ERROR, "expected CONTINUATION")
-        if ftype == DATA:
-            self._data(flags, sid, payload)
-        elif ftype == HEADERS:
-            if flags & F_PADDED:
-                payload = payload[1:len(payload) - payload[0]]
-            if flags & F_PRIORITY:
-                payload = payload[5:]
-            if flags & F_END_HEADERS:
-                self._headers(sid, flags, payload)
-            else:
-                self.header_sid, self.header_flags, self.header_block = sid, flags, bytearray(payload)
-        elif ftype == CONTINUATION:
-            if self.header_block is None or sid != self.header_sid:
-                raise _H2Error(PROTOCOL_ERROR, "unexpected CONTINUATION")
-            self.header_block += payload
-            if flags & F_END_HEADERS:
-                block, self.header_block = bytes(self.header_block), None
-                self._headers(sid, self.header_flags, block)
-        elif ftype == RST_STREAM:
-            st = self.streams.pop(sid, None)
-            if st is not None:
-                self.blocked.pop(sid, None)
-                st.on_reset()
-        elif ftype == SETTINGS:
-            if not flags & F_ACK:
-                self._settings(payload)
-                self.out.append(frame(SETTINGS, F_ACK, 0))
-        elif ftype == PING:
-            if not flags & F_ACK:
-                self.out.append(frame(PING, F_ACK, 0, payload))
-        elif ftype == WINDOW_UPDATE:
-            inc = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
-            if sid == 0:
-                self.send_conn_window += inc
-                if self.blocked:
-                    for st in list(self.blocked.values()):
-                        self._drain(st)
-            else:
-                st = self.streams.get(sid)
-                if st is not None:
-                    st.send_window += inc
-                    if st.pending:
-                        self._drain(st)
-        elif ftype == GOAWAY:
-            self.closing = True
-        # PRIORITY, PUSH_PROMISE (never sent by clients) and unknown types are ignored.
-
-    def _data(self, flags: int, sid: int, payload: bytes) -> None:
-        n = len(payload)
-        if flags & F_PADDED:
-            payload = payload[1:n - payload[0]]
-        # Flow control: we advertised huge windows; give credit back once half is used.
-        self.recv_conn_unacked += n
-        if self.recv_conn_unacked > _HALF_WINDOW:
-            self.out.append(frame(WINDOW_UPDATE, 0, 0, self.recv_conn_unacked.to_bytes(4, "big")))
-            self.recv_conn_unacked = 0
-        st = self.streams.get(sid)
-        if st is None:
-            return  # a stream we already closed or reset: the data is dropped
-        st.recv_unacked += n
-        if st.recv_unacked > _HALF_WINDOW:
-            self.out.append(frame(WINDOW_UPDATE, 0, sid, st.recv_unacked.to_bytes(4, "big")))
-            st.recv_unacked = 0
-        st.on_data(payload, bool(flags & F_END_STREAM))
-
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """HPACK-decode, remembering blocks that left the dynamic table untouched.
-
-        Envoy sends the same bytes for every ext_proc stream's headers once its dynamic
-        table holds them (indexed fields plus a Huffman-coded literal :path that is never
-        indexed); decoding that in Python costs more than the rest of a request. A cached
-        result is valid while the table does not change (insertions are counted).
-        """
-        state = self.hpack_table.state()
-        if state != self.hpack_state:
-            self.hpack_cache.clear()
-            self.hpack_state = state
-        cached = self.hpack_cache.get(block)
-        if cached is not None:
-            return cached
-        try:
-            headers = self.decoder.decode(block, raw=True)
-        except HPACKError as e:
-            raise _H2Error(COMPRESSION_ERROR, f"bad header block: {e}") from None
-        if self.hpack_table.state() == state and len(self.hpack_cache) < 64:
-            self.hpack_cache[block] = headers
-        return headers
-
-    def _headers(self, sid: int, flags: int, block: bytes) -> None:
-        headers = self._decode(block)
-        end_stream = bool(flags & F_END_STREAM)
-        st = self.streams.get(sid)
-        if st is not None:  # trailers from the client
-            st.on_data(b"", end_stream)
-            return
-        if sid % 2 == 0 or sid <= self.last_sid:
-            return  # not a new client stream (or one we already forgot): ignore
-        self.last_sid = sid
-        path = b""
-        for name, value in headers:
-            if name == b":path":
-                path = value
-                break
+    def open_stream(self, sid: int, block: Block) -> H2Stream:
+        path = block.path
         server = self.server
         if path == PROCESS_PATH:
-            st = _ProcessStream(self, sid, server.service)
-        elif path in (HEALTH_CHECK, HEALTH_LIST, HEALTH_WATCH):
-            st = _HealthStream(self, sid, server.health, path)
-        else:
-            st = _Stream(self, sid)
-            self.streams[sid] = st
-            st.finish(GRPC_UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}")
-            return
-        self.streams[sid] = st
-        if end_stream:
-            st.on_data(b"", True)
-
-    def _settings(self, payload: bytes) -> None:
-        for i in range(0, len(payload) - 5, 6):
-            ident, value = struct.unpack_from(">HI", payload, i)
-            if ident == 0x4:
-                if value > MAX_WINDOW:
-                    raise _H2Error(FLOW_CONTROL_ERROR, "initial window too large")
-                delta = value - self.peer_initial_window
-                self.peer_initial_window = value
-                for st in self.streams.values():
-                    st.send_window += delta
-                    if delta > 0 and st.pending:
-                        self._drain(st)
-            elif ident == 0x5:
-                self.peer_max_frame = value
-
-    # --- output ------------------------------------------------------------------------------
-    def send_data(self, st: _Stream, data: bytes) -> None:
-        n = len(data)
-        if not st.pending and n <= st.send_window and n <= self.send_conn_window and n <= self.peer_max_frame:
-            st.send_window -= n
-            self.send_conn_window -= n
-            self.out.append(frame(DATA, 0, st.sid, data))
-            return
-        st.pending += data
-        self._drain(st)
-
-    def _drain(self, st: _Stream) -> None:
-        pending = st.pending
-        while pending:
-            n = min(len(pending), st.send_window, self.send_conn_window, self.peer_max_frame)
-            if n <= 0:
-                self.blocked[st.sid] = st
-                return
-            self.out.append(frame(DATA, 0, st.sid, bytes(pending[:n])))
-            del pending[:n]
-            st.send_window -= n
-            self.send_conn_window -= n
-        self.blocked.pop(st.sid, None)
-        if st.pending_trailers is not None:
-            block, st.pending_trailers = st.pending_trailers, None
-            self.out.append(frame(HEADERS, F_END_HEADERS | F_END_STREAM, st.sid, block))
-            self.maybe_drop(st)
-
-    def maybe_drop(self, st: _Stream) -> None:
-        """Forget a stream once both sides are done and nothing is left to send."""
-        if st.local_closed and st.remote_closed and not st.pending and st.pending_trailers is None:
-            self.streams.pop(st.sid, None)
-
-    def flush(self) -> None:
-        out = self.out
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        out.clear()
-
-    def _goaway(self, code: int, message: str) -> None:
-        self.out.append(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_sid, code) + message.encode()[:200]))
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
-
-    def shutdown(self) -> None:
-        """Graceful: no new streams (GOAWAY NO_ERROR); the connection closes when idle or at stop."""
-        self.closing = True
-        self.out.append(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_sid, 0)))
-        self.flush()
-
-    def _peer(self) -> Any:
-        return self.transport.get_extra_info("peername") if self.transport is not None else None
+            return _ProcessStream(self, sid, server.service)
+        if path in (HEALTH_CHECK, HEALTH_LIST, HEALTH_WATCH):
+            return _HealthStream(self, sid, server.health, path)
+        st = _UnknownMethod(self, sid)
+        st.finish(GRPC_UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}")
+        return st
 
 
 def _ssl_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
@@ -689,8 +409,9 @@ class FastExtProcServer:
     """The ext_proc port: ``Process`` + health, plaintext or TLS."""
 
     def __init__(self, service: ExtProcService, health: HealthService, *, secure: bool = False,
-                 cert_path: str | None = None, max_message: int = 17 << 20) -> None:
+                 cert_path: str | None = None, max_message: int = 17 << 20, limits: Limits | None = None) -> None:
         self.service = service
+        self.limits = limits or Limits()
         self.max_message = max_message  # largest gRPC message accepted (BUFFERED sends the body whole)
         self.health = health
         self.connections: set[_Connection] = set()

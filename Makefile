@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install tools test demo bench clean
 
 $(STAMP): pyproject.toml deploy/kubernetes/install_tools.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,9 +13,16 @@ $(STAMP): pyproject.toml deploy/kubernetes/install_tools.py
 	$(PY) deploy/kubernetes/install_tools.py   # kubectl + helm for tests/deploy (pinned, ~5 s)
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) tools
 
-test: $(STAMP)
+# h2load (Debian's nghttp2-client): the independent HTTP/2 load client of tests/extproc/test_h2load.py.
+# Installed with apt where there is one (CI runs as root on Debian); elsewhere install it yourself.
+tools:
+	@command -v h2load >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null); } || \
+	  echo "warning: h2load not installed (Debian package nghttp2-client); tests/extproc/test_h2load.py needs it"
+
+test: $(STAMP) tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -228,6 +228,15 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="where metrics are scraped and parsed: process (a child process, keeps the serving loop "
                         "free) or inprocess (same event loop); default process")
 
+    g = p.add_argument_group("ext_proc connections (HTTP/2)")
+    g.add_argument("--extproc-max-concurrent-streams", type=int, default=d.extproc_max_concurrent_streams, metavar="N",
+                   help="streams (requests) per connection; more are refused and Envoy opens another connection "
+                        "(default %(default)s)")
+    g.add_argument("--extproc-max-connections", type=int, default=d.extproc_max_connections, metavar="N",
+                   help="open ext_proc connections, fast core only; more are refused (default %(default)s)")
+    g.add_argument("--extproc-idle-timeout", type=duration, default=d.extproc_idle_timeout, metavar="DURATION",
+                   help="close a connection that had no stream for this long, gracefully (default 10m; 0 = never)")
+
     g = p.add_argument_group("logging")
     g.add_argument("-v", "--v", dest="verbosity", type=int, default=d.verbosity, metavar="N",
                    help="verbosity: 1 warnings, 2 info (default), 3 verbose, 4 debug, 5 trace")

@@ -87,6 +87,12 @@ class ServeOptions:
     extproc_core: str | None = None  # "fast" (our HTTP/2 core) | "grpcio" (grpc.aio); None = $EPP_EXTPROC_CORE or fast
     collector_mode: str | None = None  # "process" (own process) | "inprocess" (same event loop); None = process
 
+    # ext_proc connections (HTTP/2 limits; epp/extproc/h2/README.md). Envoy opens another
+    # connection when one is at its stream limit.
+    extproc_max_concurrent_streams: int = 1000  # SETTINGS_MAX_CONCURRENT_STREAMS; more get REFUSED_STREAM
+    extproc_max_connections: int = 1024  # fast core only; more are refused (GOAWAY ENHANCE_YOUR_CALM)
+    extproc_idle_timeout: float = 600.0  # a connection without streams this long is closed gracefully; 0 = never
+
     # logging
     verbosity: int = 2  # upstream --v: 2 default, 3 verbose, 4 debug, 5 trace
     log_format: str = "text"
@@ -122,6 +128,10 @@ class ServeOptions:
             raise OptionsError("--max-request-body-bytes must be positive")
         if self.extproc_core not in (None, *EXTPROC_CORES):
             raise OptionsError(f"--extproc-core must be one of {', '.join(EXTPROC_CORES)}")
+        if self.extproc_max_concurrent_streams < 1 or self.extproc_max_connections < 1:
+            raise OptionsError("--extproc-max-concurrent-streams and --extproc-max-connections must be positive")
+        if self.extproc_idle_timeout < 0:
+            raise OptionsError("--extproc-idle-timeout must not be negative (0 disables it)")
         if self.collector_mode not in (None, *COLLECTOR_MODES):
             raise OptionsError(f"--collector-mode must be one of {', '.join(COLLECTOR_MODES)}")
         if self.response_body_policy not in RESPONSE_BODY_POLICIES:

@@ -24,6 +24,7 @@ from epp.config.errors import ConfigError
 from epp.config.model import LoadedConfig
 from epp.datalayer.pool import EndpointPool
 from epp.extproc.grpcserver import GrpcServers, PortInUseError, start_grpc_servers
+from epp.extproc.h2.limits import Limits as H2Limits
 from epp.extproc.health import HealthService
 from epp.extproc.service import ExtProcService
 from epp.extproc.stream import StreamSettings
@@ -172,7 +173,10 @@ class EppServer:
         self.grpc = await start_grpc_servers(service, health, host=opts.bind_address, port=opts.grpc_port,
                                              health_port=opts.grpc_health_port, secure=opts.secure_serving,
                                              cert_path=opts.cert_path, max_body_bytes=opts.max_request_body_bytes,
-                                             core=opts.extproc_core)  # None: $EPP_EXTPROC_CORE or fast
+                                             core=opts.extproc_core,  # None: $EPP_EXTPROC_CORE or fast
+                                             limits=H2Limits(max_concurrent_streams=opts.extproc_max_concurrent_streams,
+                                                             max_connections=opts.extproc_max_connections,
+                                                             idle_timeout=opts.extproc_idle_timeout))
         self.grpc_port, self.health_port = self.grpc.extproc_port, self.grpc.health_port or 0
 
         director = self.director

@@ -56,85 +56,113 @@ def _grpc(message: Any) -> bytes:
     return b"\x00" + len(raw).to_bytes(4, "big") + raw
 
 
+class EnvoyWorkload:
+    """One EPP (the default configuration, one endpoint) and one of our HTTP/2 connections
+    (``conn``) on a null transport, and the frames Envoy sends: ``request_frames()`` for one
+    full-duplex request (request headers + body, response headers + body, the stream reset),
+    ``open_chunk_stream()`` for a streamed answer's chunks. Feed them to
+    ``conn.data_received``. Also the workload of ``epp.bench.instructions``."""
+
+    def __init__(self) -> None:
+        import hpack
+        from envoy.config.core.v3 import base_pb2
+        from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+        from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+        from epp.bench.overhead import BODY
+        from epp.datalayer.endpoint import EndpointMetadata
+        from epp.datalayer.pool import EndpointPool
+        from epp.extproc.fastserver import DATA, HEADERS, PREFACE, RST_STREAM, SETTINGS, WINDOW_UPDATE, \
+            F_END_HEADERS, FastExtProcServer, _Connection, frame
+        from epp.extproc.health import HealthService
+        from epp.extproc.service import ExtProcService
+        from epp.extproc.stream import StreamSettings
+        from epp.options import ServeOptions
+        from epp.requestcontrol.director import Director, DirectorOptions
+
+        pool = EndpointPool("bench")
+        pool.sync([EndpointMetadata("127.0.0.1", 8000)])
+        self.director = Director(ServeOptions().load_config(pool), pool,
+                                 DirectorOptions(response_body_policy="non-streaming"))
+        server = FastExtProcServer(ExtProcService(self.director, StreamSettings()), HealthService(lambda: True))
+        self.conn = conn = _Connection(server)
+        self.transport = _NullTransport()
+        conn.connection_made(self.transport)  # type: ignore[arg-type]
+        big_window = 2**31 - 1
+        # Envoy's preface: its SETTINGS, the ACK of ours (else the SETTINGS timeout ends a long
+        # run) and a large connection window.
+        conn.data_received(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, big_window)) + frame(SETTINGS, 1, 0)
+                           + frame(WINDOW_UPDATE, 0, 0, (big_window - 65535).to_bytes(4, "big")))
+
+        def headers(pairs: list[tuple[str, str]]) -> pb.HttpHeaders:
+            return pb.HttpHeaders(headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs]))
+
+        duplex = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+        answer = json.dumps({"id": "c", "object": "text_completion", "model": "bench-model",
+                             "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41}}).encode()
+        request_msgs = _grpc(pb.ProcessingRequest(
+            request_headers=headers([(":method", "POST"), (":path", "/v1/completions"), (":authority", "epp"),
+                                     ("content-type", "application/json"), ("content-length", str(len(BODY)))]),
+            protocol_config=pb.ProtocolConfiguration(request_body_mode=duplex, response_body_mode=duplex)))
+        body_msg = _grpc(pb.ProcessingRequest(request_body=pb.HttpBody(body=BODY, end_of_stream=True)))
+        json_response = (_grpc(pb.ProcessingRequest(response_headers=headers([(":status", "200"),
+                                                                               ("content-type", "application/json")]))),
+                         _grpc(pb.ProcessingRequest(response_body=pb.HttpBody(body=answer, end_of_stream=True))))
+        sse_headers = _grpc(pb.ProcessingRequest(response_headers=headers([(":status", "200"),
+                                                                           ("content-type", "text/event-stream")])))
+        chunk = _grpc(pb.ProcessingRequest(response_body=pb.HttpBody(
+            body=b'data: {"id":"c","object":"text_completion","model":"bench-model","choices":[{"index":0,'
+                 b'"text":" tok","finish_reason":null}]}\n\n')))
+        encoder = hpack.Encoder()
+        call_headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"epp"),
+                        (b":path", b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+                        (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+        self._ids = itertools.count(1, 2)  # client-initiated HTTP/2 streams are odd
+
+        def opening(sid: int) -> bytes:
+            """A new ext_proc stream: call headers, request headers, request body (what Envoy sends first)."""
+            return (frame(HEADERS, F_END_HEADERS, sid, encoder.encode(call_headers))
+                    + frame(DATA, 0, sid, request_msgs) + frame(DATA, 0, sid, body_msg))
+
+        def request_frames() -> tuple[bytes, bytes, bytes]:
+            """The frames of the next full-duplex request with a JSON answer, in three reads:
+            the stream opening, the response, the reset."""
+            sid = next(self._ids)
+            return (opening(sid), frame(DATA, 0, sid, json_response[0]) + frame(DATA, 0, sid, json_response[1]),
+                    frame(RST_STREAM, 0, sid, b"\x00\x00\x00\x08"))
+
+        def open_chunk_stream() -> bytes:
+            """Open a stream whose answer streams (SSE); returns the frame of one chunk on it."""
+            sid = next(self._ids)
+            self.conn.data_received(opening(sid) + frame(DATA, 0, sid, sse_headers))
+            return frame(DATA, 0, sid, chunk)
+
+        self.request_frames = request_frames
+        self.open_chunk_stream = open_chunk_stream
+
+
 async def _measure(requests: int) -> dict[str, Any]:
-    import hpack
-    from envoy.config.core.v3 import base_pb2
-    from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-
-    from epp.bench.overhead import BODY
-    from epp.datalayer.endpoint import EndpointMetadata
-    from epp.datalayer.pool import EndpointPool
-    from epp.extproc.fastserver import DATA, HEADERS, PREFACE, RST_STREAM, SETTINGS, WINDOW_UPDATE, \
-        F_END_HEADERS, FastExtProcServer, _Connection, frame
-    from epp.extproc.health import HealthService
-    from epp.extproc.service import ExtProcService
-    from epp.extproc.stream import StreamSettings
     from epp.observability import deferred
-    from epp.options import ServeOptions
-    from epp.requestcontrol.director import Director, DirectorOptions
 
-    pool = EndpointPool("bench")
-    pool.sync([EndpointMetadata("127.0.0.1", 8000)])
-    director = Director(ServeOptions().load_config(pool), pool, DirectorOptions(response_body_policy="non-streaming"))
-    server = FastExtProcServer(ExtProcService(director, StreamSettings()), HealthService(lambda: True))
-    conn = _Connection(server)
-    transport = _NullTransport()
-    conn.connection_made(transport)  # type: ignore[arg-type]
-    big_window = 2**31 - 1
-    conn.data_received(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, big_window))
-                       + frame(WINDOW_UPDATE, 0, 0, (big_window - 65535).to_bytes(4, "big")))
-
-    def headers(pairs: list[tuple[str, str]]) -> pb.HttpHeaders:
-        return pb.HttpHeaders(headers=base_pb2.HeaderMap(
-            headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs]))
-
-    duplex = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
-    answer = json.dumps({"id": "c", "object": "text_completion", "model": "bench-model",
-                         "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
-                         "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41}}).encode()
-    request_msgs = _grpc(pb.ProcessingRequest(
-        request_headers=headers([(":method", "POST"), (":path", "/v1/completions"), (":authority", "epp"),
-                                 ("content-type", "application/json"), ("content-length", str(len(BODY)))]),
-        protocol_config=pb.ProtocolConfiguration(request_body_mode=duplex, response_body_mode=duplex)))
-    body_msg = _grpc(pb.ProcessingRequest(request_body=pb.HttpBody(body=BODY, end_of_stream=True)))
-    json_response = (_grpc(pb.ProcessingRequest(response_headers=headers([(":status", "200"),
-                                                                           ("content-type", "application/json")]))),
-                     _grpc(pb.ProcessingRequest(response_body=pb.HttpBody(body=answer, end_of_stream=True))))
-    sse_headers = _grpc(pb.ProcessingRequest(response_headers=headers([(":status", "200"),
-                                                                        ("content-type", "text/event-stream")])))
-    chunk = _grpc(pb.ProcessingRequest(response_body=pb.HttpBody(
-        body=b'data: {"id":"c","object":"text_completion","model":"bench-model","choices":[{"index":0,'
-             b'"text":" tok","finish_reason":null}]}\n\n')))
-    encoder = hpack.Encoder()
-    call_headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"epp"),
-                    (b":path", b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-                    (b"content-type", b"application/grpc"), (b"te", b"trailers")]
-    stream_ids = itertools.count(1, 2)  # client-initiated HTTP/2 streams are odd
-
-    def opening(sid: int) -> bytes:
-        """A new ext_proc stream: call headers, request headers, request body (what Envoy sends first)."""
-        return (frame(HEADERS, F_END_HEADERS, sid, encoder.encode(call_headers))
-                + frame(DATA, 0, sid, request_msgs) + frame(DATA, 0, sid, body_msg))
+    work = EnvoyWorkload()
+    conn, director, transport = work.conn, work.director, work.transport
 
     # The Envoy-side frames are built before the clock starts; only the EPP's handling is timed.
     def request_step() -> float:
-        sid = next(stream_ids)
-        first = opening(sid)
-        response = frame(DATA, 0, sid, json_response[0]) + frame(DATA, 0, sid, json_response[1])
-        reset = frame(RST_STREAM, 0, sid, b"\x00\x00\x00\x08")
+        first, response, reset = work.request_frames()
         t = time.perf_counter()
         conn.data_received(first)
         conn.data_received(response)
         conn.data_received(reset)
         return time.perf_counter() - t
 
-    chunk_sid = 0  # the streaming stream, opened after the request measurements
+    chunk_frame = b""
 
     def chunk_step() -> float:
-        f = frame(DATA, 0, chunk_sid, chunk)
         t = time.perf_counter()
-        conn.data_received(f)
+        conn.data_received(chunk_frame)
         return time.perf_counter() - t
 
     evict = bytearray(_EVICT_BYTES)
@@ -166,8 +194,7 @@ async def _measure(requests: int) -> dict[str, Any]:
 
     result: dict[str, Any] = {"requests": requests, "idle_ms": _IDLE_SECONDS * 1e3,
                               "evicted_bytes": _EVICT_BYTES, "request_us": await run(request_step, requests)}
-    chunk_sid = next(stream_ids)
-    conn.data_received(opening(chunk_sid) + frame(DATA, 0, chunk_sid, sse_headers))
+    chunk_frame = work.open_chunk_stream()
     result["chunk_us"] = await run(chunk_step, requests * 2)
     result["in_flight_after_requests"] = director.in_flight - 1  # minus the open streaming one
     result["bytes_written"] = transport.written

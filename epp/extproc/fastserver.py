@@ -291,15 +291,16 @@ class _ProcessStream(_Stream):
 
     def _resume(self) -> None:
         """Routing that waited can go on (called from the event loop, not from a frame)."""
-        if self.local_closed or self.finalised:
-            return
+        if not self.local_closed and not self.finalised:
+            self.conn.call_stream(self, self._resumed)  # a failure costs this stream; then flush
+
+    def _resumed(self) -> None:
         machine = self.machine
         self._send(machine.resume())
         if machine.parked is not None:
             machine.parked.wake_me(self._resume)
         elif self.remote_closed:
             self.finish(GRPC_OK)  # the half-close that came while routing waited
-        self.conn.flush()
 
     def on_half_close(self) -> None:
         # A client may half-close right after the request body; a request whose routing

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from epp.extproc.fastserver import FastExtProcServer
+from epp.extproc.h2.limits import Limits
 from epp.extproc.health import HealthService, add_health
 from epp.extproc.service import ExtProcService
 from epp.extproc.tls import CertificateReloader, server_credentials
@@ -23,9 +24,14 @@ from epp.extproc.tls import CertificateReloader, server_credentials
 MESSAGE_MARGIN = 1 << 20
 
 
-def server_options(max_body_bytes: int) -> list[tuple[str, int]]:
+def server_options(max_body_bytes: int, limits: Limits | None = None) -> list[tuple[str, int]]:
     limit = max_body_bytes + MESSAGE_MARGIN
+    h2 = limits or Limits()
+    idle = [("grpc.max_connection_idle_ms", int(h2.idle_timeout * 1000))] if h2.idle_timeout > 0 else []
     return [
+        # The fast core's HTTP/2 limits, where grpcio has them (it has no connection limit).
+        ("grpc.max_concurrent_streams", h2.max_concurrent_streams),
+        *idle,
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         # Two EPPs must never silently share a port (gRPC enables SO_REUSEPORT by default).
@@ -90,16 +96,17 @@ def _health_server(health: HealthService, host: str, health_port: int | None) ->
 
 async def start_grpc_servers(service: ExtProcService, health: HealthService, *, host: str, port: int,
                              health_port: int | None, secure: bool, cert_path: str | None,
-                             max_body_bytes: int, core: str | None = None) -> GrpcServers:
-    """Bind and start everything; ``core`` defaults to ``default_core()``."""
+                             max_body_bytes: int, core: str | None = None, limits: Limits | None = None) -> GrpcServers:
+    """Bind and start everything; ``core`` defaults to ``default_core()``; ``limits``: the
+    HTTP/2 limits of the ext_proc port (defaults: ``Limits()``)."""
     core = core or default_core()
     if core == "grpcio":
         servers = build_grpc_servers(service, health, host=host, port=port, health_port=health_port, secure=secure,
-                                     cert_path=cert_path, max_body_bytes=max_body_bytes)
+                                     cert_path=cert_path, max_body_bytes=max_body_bytes, limits=limits)
         await servers.start()
         return servers
     fast = FastExtProcServer(service, health, secure=secure, cert_path=cert_path,
-                             max_message=max_body_bytes + MESSAGE_MARGIN)
+                             max_message=max_body_bytes + MESSAGE_MARGIN, limits=limits)
     try:
         bound = await fast.bind(host, port)
     except OSError as e:
@@ -112,9 +119,9 @@ async def start_grpc_servers(service: ExtProcService, health: HealthService, *, 
 
 def build_grpc_servers(service: ExtProcService, health: HealthService, *, host: str, port: int,
                        health_port: int | None, secure: bool, cert_path: str | None,
-                       max_body_bytes: int) -> GrpcServers:
+                       max_body_bytes: int, limits: Limits | None = None) -> GrpcServers:
     """The grpcio core (not started)."""
-    opts = server_options(max_body_bytes)
+    opts = server_options(max_body_bytes, limits)
     ext = grpc.aio.server(options=opts)
     ext.add_generic_rpc_handlers((service.handler(),))
     add_health(ext, health)

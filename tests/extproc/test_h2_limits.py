@@ -130,6 +130,24 @@ def test_concurrent_streams_are_capped_and_memory_is_given_back(server):
         assert p.response(sids[-1] + 2)[2]["grpc-status"] == "0"  # and new streams work again
 
 
+def test_before_our_settings_are_acknowledged_a_first_burst_is_accepted():
+    """A peer may open streams before it has seen our limit (RFC 9113 §5.1.2), as Envoy does
+    on every new connection: they are accepted (up to 1000); after its ACK the limit holds."""
+    with ServerThread(new_director(), Limits(max_concurrent_streams=2)) as server, Peer(server.port) as p:
+        p.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + raw(4, 0, 0))
+        watch = "/grpc.health.v1.Health/Watch"
+        p.send(*[p.headers(sid, watch) + p.data(sid, grpc_message(b"")) for sid in (1, 3, 5, 7, 9)])
+        answered = set()
+        while len(answered) < 5:
+            f = p.next()
+            assert not isinstance(f, (RstStreamFrame, GoAwayFrame)), f
+            if isinstance(f, DataFrame):
+                answered.add(f.stream_id)
+        p.send(raw(4, 0x1, 0))  # now the peer knows the limit (2): 5 streams are open already
+        p.send(p.headers(11, watch))
+        p.expect_rst(11, REFUSED_STREAM)
+
+
 # --- write backpressure ---------------------------------------------------------------------------
 def test_a_peer_that_does_not_read_stops_being_read():
     """PINGs from a peer that never reads the ACKs: once the socket is full the server stops

@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 # How a stream we no longer keep was closed: decides what a late frame on it gets (§5.1).
 ENDED, RESET_BY_PEER, RESET_BY_US = 1, 2, 3
 _RECENT = 128  # closed streams remembered per generation (two generations are kept)
+_STREAMS_BEFORE_ACK = 1000
 _DRAIN_NOTICE = 1.0  # seconds between the two GOAWAYs of a graceful close (§6.8)
 
 
@@ -85,8 +86,8 @@ class H2Connection(FlowControl, asyncio.Protocol):
                  "granted_total", "header_block", "header_flags", "header_frames", "header_sid", "headers",
                  "idle_empty", "idle_sid", "idle_ticks", "last_sid", "limits", "loop", "max_frame", "out",
                  "peer_goaway", "peer_initial_window", "peer_max_frame", "pending_bytes", "preface_seen",
-                 "recv_window", "refused_after_goaway", "resets", "send_conn_window", "stream_low",
-                 "stream_window", "streams", "timers", "transport", "write_paused")
+                 "recv_window", "refused_after_goaway", "resets", "send_conn_window", "stream_limit",
+                 "stream_low", "stream_window", "streams", "timers", "transport", "write_paused")
 
     def __init__(self, limits: Limits, connections: set) -> None:
         self.limits = limits
@@ -123,6 +124,10 @@ class H2Connection(FlowControl, asyncio.Protocol):
         self.buffer_budget = limits.buffer_budget
         self.granted_total = 0
         self.grant_waiters: dict[int, tuple[H2Stream, int]] = {}
+        # Streams the peer may have open. Until it acknowledges our SETTINGS it may not know our
+        # limit (RFC 9113 §5.1.2: it starts unlimited), and Envoy puts every request waiting for
+        # a connection on a new one at once: that first burst is accepted up to 1000.
+        self.stream_limit = max(limits.max_concurrent_streams, _STREAMS_BEFORE_ACK)
         # lifecycle
         self.goaway_sent = False  # no new streams: they get REFUSED_STREAM
         self.refused_after_goaway = 0
@@ -388,7 +393,7 @@ class H2Connection(FlowControl, asyncio.Protocol):
             if self.refused_after_goaway > self.limits.max_streams_after_goaway:
                 raise H2ConnectionError(ENHANCE_YOUR_CALM, "streams keep coming after GOAWAY")
             raise H2StreamError(sid, REFUSED_STREAM, "connection is going away")
-        if len(self.streams) >= self.limits.max_concurrent_streams:
+        if len(self.streams) >= self.stream_limit:
             raise H2StreamError(sid, REFUSED_STREAM, "SETTINGS_MAX_CONCURRENT_STREAMS reached")
         if self.pending_bytes > self.limits.max_blocked_bytes:
             raise H2StreamError(sid, REFUSED_STREAM, "the peer is not reading what we send")
@@ -437,6 +442,7 @@ class H2Connection(FlowControl, asyncio.Protocol):
             timer = self.timers.pop("settings", None)
             if timer is not None:
                 timer.cancel()
+            self.stream_limit = self.limits.max_concurrent_streams
             return
         for ident, value in parse_settings(payload):
             if ident == INITIAL_WINDOW_SIZE:

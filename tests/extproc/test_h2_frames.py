@@ -9,7 +9,7 @@ import h2.utilities
 import pytest
 from h2.exceptions import ProtocolError
 from hyperframe.frame import ContinuationFrame, DataFrame, Frame, HeadersFrame, SettingsFrame
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from epp.extproc.h2.errors import H2ConnectionError
@@ -100,7 +100,8 @@ def test_large_header_blocks_split_into_continuation(block, max_frame, end_strea
 
 
 names = st.sampled_from([b":method", b":scheme", b":path", b":authority", b":status", b":foo", b"x-a", b"X-Up",
-                         b"te", b"connection", b"content-length", b"user-agent", b"keep-alive", b"x y", b""])
+                         b"te", b"connection", b"content-length", b"user-agent", b"keep-alive", b"x y", b"",
+                         b"host"])
 values = st.sampled_from([b"POST", b"GET", b"http", b"/p", b"", b"trailers", b"gzip", b"5", b" lead", b"a\rb", b"epp"])
 REQUEST = h2.utilities.HeaderValidationFlags(is_client=False, is_trailer=False, is_response_header=False,
                                              is_push_promise=False)
@@ -120,13 +121,17 @@ def h2_accepts(headers: list[tuple[bytes, bytes]], flags: h2.utilities.HeaderVal
 @given(st.permutations([(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/p"), (b":authority", b"epp")]),
        st.lists(st.tuples(names, values), max_size=6), st.integers(0, 4))
 def test_request_validation_agrees_with_h2(base, extra, cut):
-    """Malformed requests (§8.2-8.3) are the ones h2's own server-side validation refuses;
-    the one difference: we also refuse a content-length that is not a number (RFC 9110 §8.6)."""
+    """Malformed requests (§8.2-8.3) are the ones h2's own server-side validation refuses.
+    Two differences: we also refuse a content-length that is not a number (RFC 9110 §8.6),
+    and accept a request with neither :authority nor host (§8.3.1 allows a request without
+    authority information; h2 refuses it)."""
     fields = list(base[cut:]) + extra
     problem = check_request(fields)[2]
     if any(n == b"content-length" and not v.isdigit() for n, v in fields):
         assert problem is not None
         return
+    if not any(n in (b":authority", b"host") for n, _ in fields):
+        assume(not h2_accepts([(b":authority", b"epp")] + fields, REQUEST))  # then both must refuse it anyway
     assert (problem is None) == h2_accepts(fields, REQUEST), (fields, problem)
 
 

@@ -53,6 +53,7 @@ def check_request(headers: Headers) -> tuple[bytes, int | None, str | None]:
     seen: dict[bytes, bytes] = {}
     regular = False
     content_length: int | None = None
+    host: bytes | None = None
     for name, value in headers:
         if name[:1] == b":":
             if regular:
@@ -64,7 +65,11 @@ def check_request(headers: Headers) -> tuple[bytes, int | None, str | None]:
             seen[name] = value
         else:
             regular = True
-            if name == b"content-length":
+            if name == b"host":
+                if host is not None:
+                    return b"", None, "duplicate host"  # RFC 9110 §7.2
+                host = value
+            elif name == b"content-length":
                 if not value.isdigit() or (content_length is not None and int(value) != content_length):
                     return b"", None, "invalid content-length"
                 content_length = int(value)
@@ -74,6 +79,9 @@ def check_request(headers: Headers) -> tuple[bytes, int | None, str | None]:
     method = seen.get(b":method")
     if method is None:
         return b"", None, "missing :method"
+    authority = seen.get(b":authority")
+    if host is not None and authority is not None and host != authority:
+        return b"", None, "host differs from :authority"  # §8.3.1: SHOULD be malformed
     if method == b"CONNECT" and b":protocol" not in seen:
         if b":scheme" in seen or b":path" in seen or b":authority" not in seen:
             return b"", None, "CONNECT with :scheme or :path, or without :authority"

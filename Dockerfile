@@ -3,7 +3,11 @@
 #
 #   docker build -t epp:local .
 #   docker run --rm epp:local --help
-FROM python:3.11-slim
+#
+# PYTHON_IMAGE: any Debian-based image with python/pip 3.11+ on PATH. The default is the official
+# one; `make compose-test` passes a local stand-in built without a registry (deploy/README.md).
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

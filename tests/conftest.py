@@ -22,7 +22,18 @@ from epp.bench.procs import ManagedProcess, ProcessGroup, free_port, grpc_health
 from epp.envoyconfig import envoy_binary, render_envoy_config
 
 TESTS = Path(__file__).resolve().parent
+COMPOSE_TESTS = TESTS / "compose"
 _names = itertools.count(1)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/compose runs only when named (`make compose-test`, which `make test` runs beside the rest):
+    it needs a Docker engine, takes minutes and holds a machine-wide lock (deploy/README.md)."""
+    if collection_path != COMPOSE_TESTS:
+        return None
+    here = config.invocation_params.dir
+    named = any((here / a.split("::")[0]).resolve().is_relative_to(COMPOSE_TESTS) for a in config.args)
+    return None if named else True
 
 
 @pytest.fixture

@@ -165,6 +165,7 @@ class Collector:
         self._running = True
         for w in self.wirings:
             w.source.bind(w.extractors)
+            self._declare_error_series(w)
         self._self_timed = tuple(_limits_itself(w.source, self.timeout) for w in self.wirings)
         self.pool.subscribe(self._on_pool_event)
         for ep in self.pool.endpoints():
@@ -285,6 +286,13 @@ class Collector:
             self.on_tick(ep)
 
     # -- errors and health -------------------------------------------------------------------
+
+    def _declare_error_series(self, w: SourceWiring) -> None:
+        # Zero-valued error series from the start: a dashboard or alert on rate() sees 0, not "no data".
+        stype = plugin_type(w.source)
+        self.sink.poll_error(stype, 0)
+        for ex in w.extractors:
+            self.sink.extract_error(stype, plugin_type(ex), 0)
 
     def _poll_failed(self, ep: Endpoint, source: object, e: Exception) -> None:
         stype = plugin_type(source)

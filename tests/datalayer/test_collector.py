@@ -302,3 +302,33 @@ async def test_update_time_is_monotonic_and_recent(servers):
         assert seen[-1] <= now()
     finally:
         await close_all(col)
+
+
+async def test_error_series_exist_at_zero_from_the_start():
+    # So that rate() on them gives 0 rather than no data (the Grafana dashboard's error panels).
+    class RecordingSink:
+        def __init__(self):
+            self.calls = []
+
+        def poll_error(self, source_type, count=1):
+            self.calls.append(("poll", source_type, count))
+
+        def extract_error(self, source_type, extractor_type, count=1):
+            self.calls.append(("extract", source_type, extractor_type, count))
+
+        def reachability(self, endpoint, reachable):
+            pass
+
+        def forget(self, endpoint):
+            pass
+
+    sink = RecordingSink()
+    source = plugin("prometheus-data-source")
+    col = Collector(pool_of(), [wiring(source, *_core_and_custom()[:2])], interval=INTERVAL, sink=sink)
+    await col.start()
+    try:
+        assert sink.calls == [("poll", "prometheus-data-source", 0),
+                              ("extract", "prometheus-data-source", "core-metrics-extractor", 0),
+                              ("extract", "prometheus-data-source", "prometheus-metric", 0)]
+    finally:
+        await close_all(col)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epp.bench.procs import free_port
+from epp.bench.procs import free_port, http_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ("docker-compose.yml", "docker-compose.local-images.yml")
@@ -35,6 +37,15 @@ def compose_binary() -> Path:
 
 class ComposeFailed(RuntimeError):
     pass
+
+
+def wait_until(probe: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 @dataclass
@@ -65,6 +76,11 @@ class ComposeProject:
 
     def up(self) -> None:
         self.run("up", "--detach", "--wait", "--wait-timeout", "120", *SERVICES, timeout=180)
+        # Envoy has no healthcheck (none that works in both its images), so --wait only saw it running;
+        # until its listeners are up, docker-proxy accepts connections and then drops them.
+        ready = self.url("ENVOY_ADMIN_PORT", "/ready")
+        if not wait_until(lambda: http_ok(ready), timeout=60):
+            raise ComposeFailed(f"Envoy not ready 60 s after compose up ({ready})")
 
     def down(self) -> None:
         self.run("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=120, check=False)

@@ -1,7 +1,7 @@
 """docker-compose.yml for real: built and started under a Docker engine, used as a user would.
 
 OpenAI requests go through Envoy's published port; the EPP's /debug/decisions shows that it
-picked the server that answered. A mock server is killed and restarted;
+picked the server that answered. A mock server is killed under steady traffic and restarted;
 Prometheus (the observability profile, without Grafana) scrapes every service, and every query
 of the shipped Grafana dashboard runs against it. See conftest.py for how the stack comes up.
 """
@@ -24,6 +24,7 @@ from compose_project import REPORT, ROOT, Stack, docker
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 LORA = "sql-lora"
 KILLED = "vllm-mock-1"
+MAX_FAILED_ON_KILL = 3
 # A prompt many KV blocks long, repeated to exercise prefix-aware routing and the servers' cache.
 LONG_PROMPT = " ".join(f"word{i}" for i in range(400))
 TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -113,6 +114,47 @@ async def test_a_repeated_long_prompt_stays_on_one_server_and_hits_its_prefix_ca
     assert len({r.server for r in replies}) == 1, [r.server for r in replies]
     cached = [r.body["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies]
     assert cached[0] < cached[-1] and cached[-1] > 0, cached
+
+
+async def steady_traffic(stack: Stack, stop: asyncio.Event, results: list[tuple[float, int | str, str | None]],
+                         workers: int = 4) -> None:
+    """``workers`` clients, each sending short completions back to back until ``stop``."""
+    async def client(http: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                r = await send(http, stack, "/v1/completions", completion(max_tokens=4))
+                results.append((started, r.status, r.server))
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                results.append((started, repr(e), None))
+
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(client(http) for _ in range(workers)))
+
+
+async def test_killing_a_mock_under_steady_traffic_fails_only_the_requests_it_had(stack: Stack) -> None:
+    container = stack.project.container(KILLED)
+    stop = asyncio.Event()
+    results: list[tuple[float, int | str, str | None]] = []
+    traffic = asyncio.create_task(steady_traffic(stack, stop, results))
+    try:
+        await asyncio.sleep(3)
+        served_before = {s for _, status, s in results if status == 200}
+        killed_at = time.monotonic()
+        await asyncio.to_thread(docker, "kill", container)
+        await asyncio.sleep(10)
+    finally:
+        stop.set()
+        await traffic
+    failed = [(round(t - killed_at, 2), status) for t, status, _ in results if status != 200]
+    after = Counter(s for t, status, s in results if status == 200 and t > killed_at + 3)
+    REPORT.append(f"killing {KILLED}: {len(failed)} of {len(results)} requests failed "
+                  f"(seconds after the kill, status): {failed}")
+    assert KILLED in served_before, f"{KILLED} got no traffic before it was killed: {served_before}"
+    assert len(failed) <= MAX_FAILED_ON_KILL, (
+        f"{len(failed)} of {len(results)} requests failed when {KILLED} was killed "
+        f"(seconds after the kill, status): {failed}")
+    assert KILLED not in after and sum(after.values()) > 20, after
 
 
 async def test_a_restarted_mock_gets_traffic_again(stack: Stack) -> None:

@@ -11,7 +11,7 @@ they would in a real restart, and count as errors).
 
 Cells: policy x replicas. ``approximate`` is the EPP's built-in default (upstream's default
 profile: queue x2, KV cache x2, prefix x3 on ``approx-prefix-cache-producer``); ``precise`` is
-``config/precise-prefix.yaml`` (the issue's config as written); ``vllm-router-cache_aware`` is the
+``config/precise-prefix.yaml`` (the issue's config as written plus ``speculativeIndexing``); ``vllm-router-cache_aware`` is the
 best peer of the shared-prefix workload. With 2 replicas, EPPs sit behind one Envoy with both in
 its ext_proc cluster (round robin per request); vllm-router replicas are two processes the client
 alternates between. ``runs`` runs per cell, interleaved (run 1 of every cell, then run 2, ...) so
@@ -65,7 +65,7 @@ KV_POLICIES: dict[str, KVPolicy] = {p.name: p for p in (
     KVPolicy("approximate", "epp", "EPP built-in default profile (approx-prefix-cache-producer: prefix x3, queue x2, "
              "kv-cache x2), upstream's default"),
     KVPolicy("precise", "epp", "EPP with config/precise-prefix.yaml (precise-prefix-cache-producer from the engines' "
-             "KV events; the same weights)", config=PRECISE_CONFIG),
+             "KV events, speculativeIndexing on; the same weights)", config=PRECISE_CONFIG),
     KVPolicy("vllm-router-cache_aware", "peer", "vllm-router --policy cache_aware (the best peer of shared-prefix)",
              peer="vllm-router", peer_policy="cache_aware"),
 )}

@@ -173,7 +173,7 @@ class _Stream(H2Stream):
         conn = self.conn
         if not self.headers_sent:
             self.headers_sent = True
-            conn.out.append(frame(HEADERS, F_END_HEADERS, self.sid, RESPONSE_HEADERS))
+            conn.send_headers(self, RESPONSE_HEADERS, False)
         conn.send_data(self, b"\x00" + len(payload).to_bytes(4, "big") + payload)
 
     def finish(self, status: int = GRPC_OK, message: str = "") -> None:

@@ -18,6 +18,7 @@ from h2peer import (
     FRAME_SIZE_ERROR,
     HEALTH_CHECK,
     HEALTH_WATCH,
+    INTERNAL_ERROR,
     PREFACE,
     PROTOCOL_ERROR,
     STREAM_CLOSED,
@@ -26,7 +27,8 @@ from h2peer import (
     grpc_message,
     raw,
 )
-from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame, SettingsFrame, WindowUpdateFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import WindowUpdateFrame
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, END_HEADERS, PADDED, PRIO = 0x1, 0x4, 0x8, 0x20
@@ -52,6 +54,13 @@ def peer(server):
 
 def u32(n: int) -> bytes:
     return struct.pack(">I", n)
+
+
+def frame_head(ftype: int, flags: int, sid: int, length: int) -> bytes:
+    """Only the 9-byte header of a frame announcing ``length`` bytes: enough for a size check
+    (sending the payload too would make the server close with unread data, i.e. a TCP reset
+    that can overtake its GOAWAY)."""
+    return struct.pack(">BHBBI", length >> 16, length & 0xFFFF, ftype, flags, sid)
 
 
 def check_request(p: Peer, sid: int) -> bytes:
@@ -116,26 +125,35 @@ def test_a_data_frame_of_2_14_bytes_is_accepted(peer):
     assert peer.response(1)[2]["grpc-status"] != ""  # answered (an undecodable request is INVALID_ARGUMENT)
 
 
-def test_frame_larger_than_our_max_frame_size_is_a_frame_size_error(server, peer):
-    peer.send(peer.headers(1), raw(DATA, 0, 1, b"x" * (server.limits.max_frame_size + 1)))
+@pytest.mark.parametrize("ftype", [DATA, HEADERS], ids=["data", "headers"])
+def test_frame_larger_than_our_max_frame_size_is_a_frame_size_error(server, peer, ftype):
+    if ftype == DATA:
+        peer.send(peer.headers(1))
+    peer.send(frame_head(ftype, END_HEADERS if ftype == HEADERS else 0, 1, server.limits.max_frame_size + 1))
     peer.expect_goaway(FRAME_SIZE_ERROR)
 
 
-def test_invalid_header_block_is_a_compression_error(peer):
-    peer.send(raw(HEADERS, END_HEADERS, 1, b"\xff\xff\xff\xff\xff"))  # index far beyond the tables
-    peer.expect_goaway(COMPRESSION_ERROR)
-
-
-@pytest.mark.parametrize("block", [b"\x80", b"\x3f\xe1\x5f", b"\x82\x86\x84\x41\x83\xff\xff\xff"],
-                         ids=["index-0", "table-size-above-settings", "huffman-eos"])
+@pytest.mark.parametrize("block", [
+    b"\x80",  # RFC 7541 §6.1: index 0
+    b"\xff\xff\xff\xff\xff",  # §2.3.3: indexed field beyond both tables
+    b"\x7f\x80\x01\x01a",  # §2.3.3: literal whose indexed name is beyond both tables (191)
+    b"\x3f\xe1\x5f",  # §4.2: table size update above our SETTINGS_HEADER_TABLE_SIZE
+    b"\x82\x20",  # §4.2: table size update after a field, not at the start of the block
+    b"\x82\x86\x84\x41\x83\xff\xff\xff",  # §5.2: Huffman padding longer than 7 bits
+    b"\x82\x86\x84\x41\x81\x18",  # §5.2: Huffman padding that is not the EOS prefix (zeros)
+    b"\x82\x86\x84\x41\x84\xff\xff\xff\xff",  # §5.2: the EOS symbol in a string
+], ids=["index-0", "index-beyond-tables", "literal-name-index-beyond-tables", "table-size-above-settings",
+        "table-size-update-at-the-end", "huffman-padding-over-7-bits", "huffman-padding-not-eos", "huffman-eos"])
 def test_hpack_errors_are_compression_errors(peer, block):
     peer.send(raw(HEADERS, END_HEADERS | END_STREAM, 1, block))
     peer.expect_goaway(COMPRESSION_ERROR)
 
 
 @pytest.mark.parametrize("second", [raw(PRIORITY, 0, 1, u32(0) + b"\x10"), raw(HEADERS, END_HEADERS, 3, b"\x82"),
-                                    raw(DATA, 0, 1, b""), raw(CONTINUATION, END_HEADERS, 3, b"\x82")],
-                         ids=["priority", "headers-other-stream", "data", "continuation-other-stream"])
+                                    raw(DATA, 0, 1, b""), raw(CONTINUATION, END_HEADERS, 3, b"\x82"),
+                                    raw(0x20, 0, 1, b"extension")],
+                         ids=["priority", "headers-other-stream", "data", "continuation-other-stream",
+                              "unknown-frame-type"])
 def test_anything_but_continuation_inside_a_header_block_is_a_protocol_error(peer, second):
     peer.send(raw(HEADERS, 0, 1, b"\x83"), second)
     peer.expect_goaway(PROTOCOL_ERROR)
@@ -151,9 +169,40 @@ def test_frames_on_idle_streams_are_protocol_errors(peer, frame):
     peer.expect_goaway(PROTOCOL_ERROR)
 
 
-def test_priority_on_an_idle_stream_is_allowed(peer):
-    peer.send(raw(PRIORITY, 0, 9, u32(0) + b"\x10"))
+def test_priority_on_an_idle_stream_is_allowed_and_does_not_open_it(peer):
+    """PRIORITY on idle streams 9 and 3, then HEADERS open 3 and 5 normally (h2spec generic 3.3.5):
+    PRIORITY did not make them lower than an id already used."""
+    peer.send(raw(PRIORITY, 0, 9, u32(0) + b"\x10"), raw(PRIORITY, 0, 3, u32(0) + b"\x10"))
     peer.expect_alive()
+    peer.send(check_request(peer, 3))
+    assert peer.response(3)[2]["grpc-status"] == "0"
+    peer.send(check_request(peer, 5))
+    assert peer.response(5)[2]["grpc-status"] == "0"
+
+
+def test_frames_a_half_closed_remote_or_closed_stream_may_receive(peer):
+    """WINDOW_UPDATE, PRIORITY (exclusive, weight 256) and RST_STREAM on a half-closed (remote)
+    stream, PRIORITY on the closed one: all accepted (h2spec generic 2.2-2.5)."""
+    open_watch(peer, 1)
+    peer.send(peer.data(1, b"", end_stream=True), raw(WINDOW_UPDATE, 0, 1, u32(100)),
+              raw(PRIORITY, 0, 1, u32(0x80000000) + b"\xff"))
+    peer.send(raw(RST_STREAM, 0, 1, u32(CANCEL)), raw(PRIORITY, 0, 1, u32(0) + b"\x10"))
+    assert not [f for f in peer.expect_alive() if isinstance(f, (RstStreamFrame, GoAwayFrame))]
+
+
+@pytest.mark.parametrize("state", ["half-closed-remote", "closed-by-reset", "closed-by-both-end-streams"])
+def test_continuation_on_a_half_closed_or_closed_stream_is_a_protocol_error(peer, state):
+    """No header block is in progress there, so it is a connection error (h2spec 5.1.7, 5.1.10,
+    5.1.13 accept PROTOCOL_ERROR or STREAM_CLOSED)."""
+    if state == "closed-by-both-end-streams":
+        peer.send(check_request(peer, 1))
+        peer.response(1)
+    else:
+        open_watch(peer, 1)
+        peer.send(peer.data(1, b"", end_stream=True) if state == "half-closed-remote"
+                  else raw(RST_STREAM, 0, 1, u32(CANCEL)))
+    peer.send(raw(CONTINUATION, END_HEADERS, 1, b"\x82"))
+    peer.expect_goaway(PROTOCOL_ERROR)
 
 
 def test_half_closed_remote_data_and_headers_are_stream_closed(peer):
@@ -314,6 +363,47 @@ def test_invalid_settings(peer, frame, code):
     peer.expect_goaway(code)
 
 
+def test_every_defined_setting_is_accepted(peer):
+    """Each SETTINGS parameter of §6.5.2 with a valid value (h2spec generic 3.5)."""
+    values = [(0x1, 4096), (0x2, 0), (0x3, 100), (0x4, 65535), (0x5, 16384), (0x6, 65536), (0x8, 1), (0x9, 1)]
+    peer.send(raw(SETTINGS, 0, 0, b"".join(struct.pack(">HI", k, v) for k, v in values)), check_request(peer, 1))
+    assert peer.response(1)[2]["grpc-status"] == "0"
+    assert sum(isinstance(f, SettingsFrame) and "ACK" in f.flags for f in peer.frames) == 2  # the handshake's, this one's
+
+
+def test_a_smaller_header_table_is_signalled_in_our_next_block():
+    """The peer shrinks its HPACK table (SETTINGS_HEADER_TABLE_SIZE 0): our next header block
+    starts with a dynamic table size update (RFC 7541 §4.2), which h2's decoder insists on."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    with ServerThread(new_director()) as server:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        for sid in (1, 3):  # 3: after the update, nothing more is sent
+            client.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "epp"),
+                                      (":path", HEALTH_CHECK), ("content-type", "application/grpc"),
+                                      ("te", "trailers")])
+            client.send_data(sid, grpc_message(b""), end_stream=True)
+            sock.sendall(client.data_to_send())
+            events: list = []
+            while not any(isinstance(e, h2.events.StreamEnded) for e in events):
+                data = sock.recv(1 << 16)
+                assert data, "server closed the connection"
+                events += client.receive_data(data)  # raises on a block that ignores the new size
+                sock.sendall(client.data_to_send())
+            trailers = next(e for e in events if isinstance(e, h2.events.TrailersReceived))
+            assert dict(trailers.headers)[b"grpc-status"] == b"0"
+        assert client.decoder.header_table_size == 0
+        sock.close()
+
+
 def test_settings_are_acknowledged_and_unknown_ones_ignored(peer):
     peer.send(raw(SETTINGS, 0, 0, struct.pack(">HI", 0xABCD, 7)))
     assert any(isinstance(f, SettingsFrame) and "ACK" in f.flags for f in peer.expect_alive())
@@ -455,14 +545,36 @@ def test_continuation_after_end_headers_is_a_protocol_error(peer):
     peer.expect_goaway(PROTOCOL_ERROR)
 
 
-def test_our_large_header_blocks_are_split_into_continuation(peer):
-    """An UNIMPLEMENTED answer names the 30 KiB path: more than the peer's 16 KiB frames."""
+@pytest.mark.parametrize("case", ["data-after-continuation", "continuation-after-the-last-continuation",
+                                  "continuation-after-data"])
+def test_continuation_out_of_sequence_is_a_protocol_error(peer, case):
+    """h2spec 6.10.2, 6.10.5 and 6.10.6."""
+    block = peer.encoder.encode(GOOD + [("content-type", "application/grpc")])
+    if case == "data-after-continuation":
+        frames = [raw(HEADERS, 0, 1, block[:3]), raw(CONTINUATION, 0, 1, block[3:]), raw(DATA, 0, 1, b"")]
+    elif case == "continuation-after-the-last-continuation":
+        frames = [raw(HEADERS, 0, 1, block[:3]), raw(CONTINUATION, END_HEADERS, 1, block[3:]),
+                  raw(CONTINUATION, END_HEADERS, 1, b"\x82")]
+    else:
+        frames = [raw(HEADERS, END_HEADERS, 1, block), raw(DATA, 0, 1, grpc_message(b"")),
+                  raw(CONTINUATION, END_HEADERS, 1, b"\x82")]
+    peer.send(*frames)
+    peer.expect_goaway(PROTOCOL_ERROR)
+
+
+@pytest.mark.parametrize("max_frame", [16384, 20000])
+def test_our_large_header_blocks_are_split_into_continuation(server, max_frame):
+    """An UNIMPLEMENTED answer names the 30 KiB path: more than the peer's SETTINGS_MAX_FRAME_SIZE
+    (the default, and a larger one: frames follow the peer's value, not a constant)."""
     path = "/" + "p" * (30 << 10)
-    peer.send(peer.headers(1, path, end_stream=True))
-    frames = []
-    while not frames or "END_HEADERS" not in frames[-1].flags:
-        frames.append(peer.until(lambda f: getattr(f, "stream_id", 0) == 1))
-    assert isinstance(frames[0], HeadersFrame) and len(frames) >= 2 and all(len(f.data) <= 16384 for f in frames)
+    with Peer(server.port) as p:
+        peer = p.handshake({SettingsFrame.MAX_FRAME_SIZE: max_frame})
+        peer.send(peer.headers(1, path, end_stream=True))
+        frames = []
+        while not frames or "END_HEADERS" not in frames[-1].flags:
+            frames.append(peer.until(lambda f: getattr(f, "stream_id", 0) == 1))
+    assert isinstance(frames[0], HeadersFrame) and len(frames) >= 2
+    assert max(len(f.data) for f in frames) == max_frame
     fields = dict(peer.decoder.decode(b"".join(f.data for f in frames)))
     assert fields["grpc-status"] == "12" and fields["grpc-message"].endswith("p" * 100)
 
@@ -484,10 +596,11 @@ GOOD = [(":method", "POST"), (":scheme", "http"), (":path", HEALTH_CHECK), (":au
     [(":method", "POST"), (":scheme", "http")],
     GOOD + [(":method", "POST")],
     GOOD + [(":path", "/x")],
+    GOOD + [(":scheme", "https")],
     GOOD + [("x-bad", "a\rb")],
 ], ids=["unknown-pseudo", "response-pseudo", "pseudo-after-regular", "connection-specific", "te-not-trailers",
         "uppercase-name", "empty-path", "no-method", "no-scheme", "no-path", "duplicate-method", "duplicate-path",
-        "cr-in-value"])
+        "duplicate-scheme", "cr-in-value"])
 def test_malformed_requests_are_stream_errors(peer, fields):
     peer.send(peer.headers(1, fields=fields, end_stream=True))
     peer.expect_rst(1, PROTOCOL_ERROR)
@@ -509,16 +622,35 @@ def test_content_length_not_matching_data_is_a_stream_error(peer, sizes):
     peer.expect_rst(1, PROTOCOL_ERROR)
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_plain_http_requests_get_an_answer(peer, method):
+    """h2spec generic 4.1-4.2: a request that is not a gRPC call still gets a response."""
+    peer.send(peer.headers(1, fields=[(":method", method), (":scheme", "http"), (":path", "/"),
+                                      (":authority", "epp")], end_stream=True))
+    headers, body, _ = peer.response(1)
+    assert headers[":status"] == "200" and headers["grpc-status"] == "12" and body == b""
+
+
+def test_a_request_with_trailers_is_answered(peer):
+    """h2spec generic 4.4: HEADERS, DATA, then a trailer block with END_STREAM."""
+    peer.send(peer.headers(1), peer.data(1, grpc_message(b"")),
+              peer.headers(1, fields=[("x-trailer", "1")], end_stream=True))
+    assert peer.response(1)[2]["grpc-status"] == "0"
+
+
 def test_push_promise_from_a_client_is_a_protocol_error(peer):
     peer.send(raw(PUSH_PROMISE, END_HEADERS, 1, u32(2) + b"\x82"))
     peer.expect_goaway(PROTOCOL_ERROR)
 
 
 # --- gRPC over the stream -----------------------------------------------------------------------
-def test_message_cut_short_by_end_stream_is_grpc_internal(peer):
-    """A length prefix promising more than arrives before END_STREAM: INTERNAL (13), not OK."""
+@pytest.mark.parametrize("cut", [b"\x00" + u32(100) + b"only ten..", b"\x00\x00\x00"],
+                         ids=["body-cut", "prefix-cut"])
+def test_message_cut_short_by_end_stream_is_grpc_internal(peer, cut):
+    """A length prefix promising more than arrives before END_STREAM (or only part of a
+    prefix): INTERNAL (13), not OK."""
     peer.send(peer.headers(1, "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-              peer.data(1, b"\x00" + u32(100) + b"only ten..", end_stream=True))
+              peer.data(1, cut, end_stream=True))
     _, body, trailers = peer.response(1)
     assert body == b"" and trailers["grpc-status"] == "13"
 
@@ -547,6 +679,70 @@ def test_an_exception_in_one_stream_costs_that_stream_only(server, peer, monkeyp
     peer.send(check_request(peer, 5))
     assert peer.response(5)[2]["grpc-status"] == "0"
     assert not any(isinstance(f, GoAwayFrame) for f in peer.frames)
+
+
+def test_an_exception_while_opening_a_stream_costs_that_stream_only(peer, monkeypatch):
+    from epp.extproc.fastserver import _Connection
+
+    original = _Connection.open_stream
+
+    def open_stream(self, sid, block):
+        if block.path == b"/boom":
+            raise RuntimeError("a bug")
+        return original(self, sid, block)
+
+    monkeypatch.setattr(_Connection, "open_stream", open_stream)
+    peer.send(peer.headers(1, "/boom", end_stream=True))
+    peer.expect_rst(1, INTERNAL_ERROR)
+    peer.send(check_request(peer, 3))
+    assert peer.response(3)[2]["grpc-status"] == "0"
+
+
+def test_an_exception_after_a_stream_ended_costs_nothing_more(peer, monkeypatch):
+    """The handler answers, the stream ends (and is forgotten), then the handler raises."""
+    from epp.extproc.fastserver import _HealthStream
+
+    original = _HealthStream.on_message
+
+    def on_message(self, raw_msg):
+        original(self, raw_msg)
+        raise RuntimeError("a bug after the answer")
+
+    monkeypatch.setattr(_HealthStream, "on_message", on_message)
+    peer.send(check_request(peer, 1))
+    assert peer.response(1)[2]["grpc-status"] == "0"
+    assert not any(isinstance(f, (GoAwayFrame, RstStreamFrame)) for f in peer.expect_alive())
+
+
+def test_an_exception_on_a_streamed_chunk_costs_that_stream_only(server, peer, monkeypatch):
+    """The per-token path (full duplex, one chunk per DATA frame, handled from the frame loop)."""
+    from extproc_support import REQ_HEADERS, body_msg, completion_body, headers_msg
+
+    from epp.extproc.fastserver import _ProcessStream
+    from epp.extproc.stream import ExtProcStream
+
+    def duplex_chunk(self, data):
+        raise RuntimeError("a bug on the chunk path")
+
+    fast_calls = []
+    fast_data = _ProcessStream.fast_data
+    monkeypatch.setattr(ExtProcStream, "duplex_chunk", duplex_chunk)
+    monkeypatch.setattr(_ProcessStream, "fast_data", lambda self, payload: fast_calls.append(1) or fast_data(self, payload))
+
+    def msg(m) -> bytes:
+        return grpc_message(m.SerializeToString())
+    process = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+    peer.send(peer.headers(1, process), peer.data(1, msg(headers_msg(REQ_HEADERS))),
+              peer.data(1, msg(body_msg(completion_body(), True))))
+    peer.until(lambda f: isinstance(f, DataFrame) and f.stream_id == 1)
+    peer.send(peer.data(1, msg(headers_msg({":status": "200", "content-type": "text/event-stream"}, response=True))),
+              peer.data(1, msg(body_msg(b"data: {}\n\n", False, response=True))))
+    _, _, trailers = peer.response(1)
+    assert trailers["grpc-status"] == "13" and fast_calls  # the chunk took the per-token path
+    peer.send(check_request(peer, 3))
+    assert peer.response(3)[2]["grpc-status"] == "0"
+    assert not any(isinstance(f, GoAwayFrame) for f in peer.frames)
+    assert server.wait_for(lambda: server.service.active_streams == 0)
 
 
 def test_hpack_state_survives_refused_and_malformed_streams(peer):

@@ -40,6 +40,7 @@ from epp.extproc.h2.frames import (
     FRAME_SIZE_ERROR,
     GOAWAY,
     HEADER,
+    HEADER_TABLE_SIZE,
     HEADERS,
     INITIAL_WINDOW_SIZE,
     INTERNAL_ERROR,
@@ -64,7 +65,7 @@ from epp.extproc.h2.frames import (
     u32,
     window_update,
 )
-from epp.extproc.h2.headers import Block, HeaderDecoder
+from epp.extproc.h2.headers import Block, HeaderDecoder, hpack_int
 from epp.extproc.h2.limits import Limits, TokenBucket
 from epp.extproc.h2.settings import local_settings, parse_settings
 from epp.extproc.h2.stream import H2Stream
@@ -76,6 +77,7 @@ ENDED, RESET_BY_PEER, RESET_BY_US = 1, 2, 3
 _RECENT = 128  # closed streams remembered per generation (two generations are kept)
 _STREAMS_BEFORE_ACK = 1000
 _DRAIN_NOTICE = 1.0  # seconds between the two GOAWAYs of a graceful close (§6.8)
+DEFAULT_TABLE_SIZE = 4096  # SETTINGS_HEADER_TABLE_SIZE until the peer says otherwise
 
 
 class H2Connection(FlowControl, asyncio.Protocol):
@@ -87,7 +89,8 @@ class H2Connection(FlowControl, asyncio.Protocol):
                  "idle_empty", "idle_sid", "idle_ticks", "last_sid", "limits", "loop", "max_frame", "out",
                  "peer_goaway", "peer_initial_window", "peer_max_frame", "pending_bytes", "preface_seen",
                  "recv_window", "refused_after_goaway", "resets", "send_conn_window", "stream_limit",
-                 "stream_low", "stream_window", "streams", "timers", "transport", "write_paused")
+                 "stream_low", "stream_window", "streams", "table_size", "table_update", "timers", "transport",
+                 "write_paused")
 
     def __init__(self, limits: Limits, connections: set) -> None:
         self.limits = limits
@@ -112,6 +115,11 @@ class H2Connection(FlowControl, asyncio.Protocol):
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = DEFAULT_MAX_FRAME
         self.send_conn_window = DEFAULT_WINDOW
+        # Our HPACK encoder never inserts into its dynamic table, but when the peer lowers
+        # SETTINGS_HEADER_TABLE_SIZE below the size its decoder assumes, the next block we
+        # send must start with a table size update (RFC 7541 §4.2): ``table_update``.
+        self.table_size = DEFAULT_TABLE_SIZE
+        self.table_update = b""
         self.blocked: dict[int, H2Stream] = {}  # streams with DATA waiting for window
         self.pending_bytes = 0  # all of it
         # inbound flow control
@@ -399,7 +407,11 @@ class H2Connection(FlowControl, asyncio.Protocol):
             raise H2StreamError(sid, REFUSED_STREAM, "the peer is not reading what we send")
         if block.request_error:
             raise H2StreamError(sid, PROTOCOL_ERROR, f"malformed request: {block.request_error}")
-        st = self.open_stream(sid, block)
+        try:
+            st = self.open_stream(sid, block)
+        except Exception as e:  # a bug of the application's costs this stream; HPACK state is intact
+            log.error("HTTP/2 stream %d: opening it failed", sid, exc_info=e)
+            raise H2StreamError(sid, INTERNAL_ERROR, f"internal error: {type(e).__name__}") from e
         st.content_length = block.content_length
         self.streams[sid] = st
         if end_stream:
@@ -449,6 +461,9 @@ class H2Connection(FlowControl, asyncio.Protocol):
                 self._peer_initial_window(value)
             elif ident == MAX_FRAME_SIZE:
                 self.peer_max_frame = value
+            elif ident == HEADER_TABLE_SIZE and value < self.table_size:
+                self.table_size = value
+                self.table_update = hpack_int(value, 5, 0x20)
         self.out.append(frame(SETTINGS, F_ACK, 0))
 
     def _priority(self, sid: int, payload: bytes) -> None:
@@ -519,6 +534,10 @@ class H2Connection(FlowControl, asyncio.Protocol):
     def _stream_crashed(self, sid: int, exc: Exception) -> None:
         st = self.streams.get(sid)
         if st is None:
+            if sid in self.closed_recent or sid in self.closed_older:
+                # The stream's own code raised after the stream had ended: nothing left to fail.
+                log.error("HTTP/2 stream %d failed after it ended", sid, exc_info=exc)
+                return
             raise H2ConnectionError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}") from exc
         log.error("HTTP/2 stream %d failed; resetting it", sid, exc_info=exc)
         try:

@@ -60,6 +60,7 @@ class FlowControl:
     granted_total: int
     buffer_budget: int
     grant_waiters: dict[int, tuple["H2Stream", int]]
+    table_update: bytes
 
     # --- outbound ----------------------------------------------------------------------------
     def send_data(self, st: "H2Stream", data: bytes) -> None:
@@ -78,6 +79,9 @@ class FlowControl:
         if end_stream and st.pending:
             st.pending_trailers = block
             return
+        if self.table_update:  # the first block after the peer shrank the HPACK table
+            block = self.table_update + block
+            self.table_update = b""
         if len(block) <= self.peer_max_frame:
             self.out.append(frame(HEADERS, F_END_HEADERS | F_END_STREAM if end_stream else F_END_HEADERS, st.sid, block))
         else:

@@ -157,7 +157,8 @@ class HeaderDecoder:
             raise H2ConnectionError(ENHANCE_YOUR_CALM, f"header list over our SETTINGS_MAX_HEADER_LIST_SIZE: {e}") from None
         except HPACKError as e:
             raise H2ConnectionError(COMPRESSION_ERROR, f"bad header block: {e}") from None
-        except (IndexError, ValueError, UnicodeError) as e:  # hpack lets some garbage through as these
+        except Exception as e:  # hpack lets some garbage through as IndexError, ValueError, ...: either
+            # way the dynamic table is in an unknown state, so the connection cannot go on
             raise H2ConnectionError(COMPRESSION_ERROR, f"bad header block: {type(e).__name__}") from None
         decoded = Block(headers)
         if self.table.state() == state and len(self.cache) < self.CACHE_SIZE:

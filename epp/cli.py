@@ -219,6 +219,11 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                         "no effect in full duplex or with response body NONE): always (token usage of every "
                         "answer), non-streaming (SSE answers skip the EPP after their headers: no token usage "
                         "for them), never (default %(default)s)")
+    g.add_argument("--destination-fallbacks", type=int, default=d.destination_fallbacks, metavar="N",
+                   help="name up to N fallback endpoints after the primary in x-gateway-destination-endpoint "
+                        "(the protocol's ordered list, next best first) for a proxy that retries along it; "
+                        "stock Envoy (ORIGINAL_DST) fails every request given a list (default %(default)s: "
+                        "one endpoint)")
 
     g = p.add_argument_group("runtime structure")
     g.add_argument("--extproc-core", choices=EXTPROC_CORES, default=None,

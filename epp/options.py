@@ -82,6 +82,10 @@ class ServeOptions:
     # duplex, response body STREAMED/BUFFERED, allow_mode_override: envoy-efficient.yaml).
     # Other modes are unaffected: full duplex always sends every chunk, NONE never any.
     response_body_policy: ResponseBodyPolicy = "non-streaming"
+    # Fallback endpoints after the primary in x-gateway-destination-endpoint and the envoy.lb
+    # metadata (the protocol's ordered list), for a proxy that walks it on retries. 0 = one
+    # endpoint: stock Envoy's ORIGINAL_DST cluster fails every request given a list.
+    destination_fallbacks: int = 0
 
     # runtime structure (measured choices; see epp/extproc/README.md and epp/datalayer/README)
     extproc_core: str | None = None  # "fast" (our HTTP/2 core) | "grpcio" (grpc.aio); None = $EPP_EXTPROC_CORE or fast
@@ -134,6 +138,8 @@ class ServeOptions:
             raise OptionsError("--extproc-idle-timeout must not be negative (0 disables it)")
         if self.collector_mode not in (None, *COLLECTOR_MODES):
             raise OptionsError(f"--collector-mode must be one of {', '.join(COLLECTOR_MODES)}")
+        if self.destination_fallbacks < 0:
+            raise OptionsError(f"--destination-fallbacks must not be negative, got {self.destination_fallbacks}")
         if self.response_body_policy not in RESPONSE_BODY_POLICIES:
             raise OptionsError(f"--response-body-policy must be one of {', '.join(RESPONSE_BODY_POLICIES)}")
         if self.log_format not in LOG_FORMATS:

@@ -161,6 +161,7 @@ class EppServer:
             enable_debug_headers=opts.enable_debug_headers,
             response_body_policy=opts.response_body_policy,
             pool_name=opts.pool_name,
+            destination_fallbacks=opts.destination_fallbacks,
         ))
         self._start_crd_sync()
         stream_settings = StreamSettings(max_body_bytes=opts.max_request_body_bytes,

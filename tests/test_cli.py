@@ -141,7 +141,9 @@ def test_values_are_parsed() -> None:
         "--endpoints-file", "eps.yaml", "--pool-namespace", "ml", "--v=4",
         "--zap-encoder", "json", "--response-body-policy", "always", "--enable-debug-headers",
         "--disable-endpoint-subset-filter=true", "--health-checking", "--cert-path", "/certs", "--enable-cert-reload",
+        "--destination-fallbacks", "2",
     )
+    assert o.destination_fallbacks == 2 and options().destination_fallbacks == 0
     assert (o.config_file, o.config_reload, o.grpc_port, o.bind_address) == ("x.yaml", True, 7000, "127.0.0.1")
     assert (o.refresh_metrics_interval, o.metrics_staleness_threshold, o.request_timeout) == (90.0, 0.25, 0.0)
     assert o.max_request_body_bytes == 512 * 1024
@@ -194,6 +196,7 @@ def test_pool_namespace_from_environment(monkeypatch) -> None:
     (["--config-reload"], "--config-reload needs --config-file"),
     (["--grpc-port", "9090"], "must differ"),
     (["--metrics-staleness-threshold", "0s"], "metrics-staleness-threshold must be positive"),
+    (["--destination-fallbacks", "-1"], "--destination-fallbacks must not be negative"),
     (["--grpc-por", "1"], "unrecognized arguments"),  # no abbreviations, like Go flags
 ])
 def test_bad_flags_exit_2_with_a_message(argv: list[str], message: str, capsys) -> None:

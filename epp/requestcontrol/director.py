@@ -42,6 +42,7 @@ from epp.requestcontrol.candidates import filter_by_subset, subset_hint
 from epp.requestcontrol.drive import Driven
 from epp.requestcontrol.rewrite import ModelRewriter, ResponseModelReverser, reserialize
 from epp.scheduling.admission import LegacyAdmission
+from epp.scheduling.fallbacks import destination_keys
 from epp.scheduling.scheduler import Scheduler, SchedulingError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class DirectorOptions:
     response_body_policy: ResponseBodyPolicy = "always"
     decision_log_size: int = 200
     pool_name: str = ""
+    # Up to this many fallback endpoints after the primary in the destination (the protocol's
+    # comma-separated list; epp.scheduling.fallbacks). 0: one endpoint, what stock Envoy takes.
+    destination_fallbacks: int = 0
 
 
 class _Labelled:
@@ -187,6 +191,7 @@ class Director:
         self._cluster = ClusterObjects()
         self._flow_override: FlowGate | None = None
         self._schedulable = schedulable or schedulable_endpoints
+        self._fallbacks = self.options.destination_fallbacks
         self._rt = _Runtime(config, self._rng, flow=self._flow_for(config, None))
         self.decisions = DecisionLog(self.options.decision_log_size)
         self.in_flight = 0  # scheduled requests whose ``complete`` has not run yet
@@ -403,7 +408,10 @@ class Director:
             sched_s = time.perf_counter() - ts
             if not targets:
                 raise E.exhausted("failed to find target endpoint: no target endpoint picked")
-            dest = targets[0].key if len(targets) == 1 else ",".join(c.key for c in targets)
+            if self._fallbacks:
+                dest = ",".join(destination_keys(result.primary, self._fallbacks, self._rng))
+            else:
+                dest = targets[0].key if len(targets) == 1 else ",".join(c.key for c in targets)
 
             timed = self._sample()
             for plugin, hist in rt.pre_request:
@@ -445,11 +453,14 @@ class Director:
         """A request without a body (e.g. GET /v1/models): any endpoint, uniformly at random.
 
         As upstream, the subset hint is not consulted and no hooks run (nothing was scheduled).
+        With fallbacks on, as many more distinct endpoints, also at random.
         """
         endpoints = self._schedulable(self.pool) or self.pool.endpoints()
         if not endpoints:
             _record_error("", "", "Internal")
             raise E.internal(E.MSG_NO_PODS)
+        if self._fallbacks and len(endpoints) > 1:
+            return ",".join(ep.key for ep in self._rng.sample(endpoints, min(len(endpoints), 1 + self._fallbacks)))
         return self._rng.choice(endpoints).key
 
     def _candidates(self, metadata: Mapping[str, Any] | None) -> list[Candidate]:

@@ -99,6 +99,11 @@ class Breakdown(Sequence[ScoreBreakdown]):
         self._totals = totals
         self._items: list[ScoreBreakdown] | None = None
 
+    def scored(self) -> tuple[list[Candidate], list[float]]:
+        """The candidates the profile scored (after its filters) and their totals, aligned;
+        the ranking without building the per-candidate explanation."""
+        return self._candidates, self._totals
+
     def _build(self) -> list[ScoreBreakdown]:
         items = self._items
         if items is None:

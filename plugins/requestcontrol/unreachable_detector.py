@@ -115,6 +115,8 @@ class UnreachableEndpointDetector(Plugin, ResponseReceived):
         status = response.status
         if status < 500:  # the hot path: one comparison, and a lookup only after an exclusion
             ep = pool.get(target)
+            if ep is None and "," in target:  # a list with fallbacks: the one that answered
+                ep = pool.get(tried_endpoint(response, getattr(response.metadata, "attributes", None) or {}, target))
             if ep is not None and ep.strikes:
                 pool.response_succeeded(ep)
             return

@@ -213,3 +213,28 @@ def test_the_epp_restarted_under_load(procs, stack):
     assert all(kill - 0.5 <= r.sent <= ready + 0.5 for r in duplex_failed)  # ... but only while it is down
     assert {r.status for r in duplex_failed} == {503}  # status_on_error, not a bare 500
     assert logs["duplex"].between(ready + 0.5, float("inf"), failed=False)
+
+
+def test_stock_envoy_rejects_a_fallback_list(fleet, epp_launcher, envoy_launcher):
+    """Why ``--destination-fallbacks`` is off by default: stock Envoy's ORIGINAL_DST cluster reads
+    ``x-gateway-destination-endpoint`` as one address, and the protocol's list fails every request
+    with a 503 (UH, counted as ``original_dst_host_invalid``) instead of trying the fallbacks."""
+    addresses = [s.address for s in fleet]
+    epp = epp_launcher(addresses, config_text=RANDOM, extra=["--destination-fallbacks", "1"])
+    envoy = envoy_launcher("envoy.yaml", epp_port=epp.grpc_port)
+
+    async def scenario() -> list[tuple[int, str, str]]:
+        async with aiohttp.ClientSession() as session:
+            return [await _post(session, envoy.url, completion(i, 2)) for i in range(3)]
+
+    results = asyncio.run(scenario())
+    assert [status for status, _, _ in results] == [503] * 3, results
+    assert all(server == "" for _, server, _ in results)  # no model server saw them
+    picks = [d["pick"] for d in epp.get_json("/debug/decisions")["decisions"]]
+    assert all(len(p.split(",")) == 2 and set(p.split(",")) <= set(addresses) for p in picks), picks
+    assert not any(row["excluded"] for row in _debug(epp)["endpoints"])  # Envoy refused the list, not them
+    assert "no healthy upstream" in results[0][2]
+    with urllib.request.urlopen(f"http://127.0.0.1:{envoy.admin_port}/stats?filter=original_dst_host_invalid",
+                                timeout=5) as r:
+        stats = r.read().decode()
+    assert "cluster.original_dst.original_dst_host_invalid: 3" in stats, stats

@@ -36,6 +36,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "flowcontrol": ("epp.bench.flowcontrol", "run_flowcontrol_bench"),
     "discovery": ("epp.bench.discovery", "run_discovery_bench"),
     "chaos": ("epp.bench.chaos", "run_chaos_bench"),
+    "soak": ("epp.bench.soak", "run_soak_bench"),
     "quality": ("epp.bench.quality", "run_quality_bench"),
 }
 

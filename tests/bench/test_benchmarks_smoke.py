@@ -108,6 +108,16 @@ def test_discovery_smoke(tmp_path: Path) -> None:
     assert "Discovery under pod churn" in (tmp_path / "discovery" / "summary.md").read_text()
 
 
+def test_soak_smoke(tmp_path: Path) -> None:
+    bench(tmp_path, "soak")
+    r = json.loads((tmp_path / "soak" / "result.json").read_text())["soak"]
+    # Every replayed stream ran the whole lifecycle in the EPP: routed, answered, completed.
+    assert r["succeeded"] == r["requests"] == r["epp_routed"] == r["epp_completed"] == 2000
+    assert r["failed"] == r["epp_errors"] == r["epp_running_at_end"] == 0
+    assert r["rss_warm_mb"] > 0 and len(r["rounds"]) == 2 and r["samples"]
+    assert "RSS start (MB)" in (tmp_path / "soak" / "summary.md").read_text()
+
+
 def test_quality_overload_smoke(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "epp", "bench", "quality", "--smoke", "--workloads", "overload",
                         "--policies", "epp-flow-rr", "--no-peers", "--out", str(tmp_path)],

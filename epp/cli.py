@@ -210,6 +210,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                "ignore the subset hint Envoy sends in request metadata")
     _bool_flag(g, "--enable-debug-headers", d.enable_debug_headers,
                "explain decisions in a response header for requests carrying x-epp-debug: 1")
+    g.add_argument("--decision-log-size", type=int, default=d.decision_log_size, metavar="N",
+                   help="the last N scheduling decisions kept for /debug/decisions (default 200)")
     g.add_argument("--max-request-body-bytes", type=byte_size, default=d.max_request_body_bytes, metavar="SIZE",
                    help="larger request bodies get 413 (default 16Mi; accepts 1048576, 512Ki, 16MiB)")
     g.add_argument("--request-timeout", type=duration, default=d.request_timeout, metavar="DURATION",

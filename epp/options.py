@@ -86,6 +86,7 @@ class ServeOptions:
     # metadata (the protocol's ordered list), for a proxy that walks it on retries. 0 = one
     # endpoint: stock Envoy's ORIGINAL_DST cluster fails every request given a list.
     destination_fallbacks: int = 0
+    decision_log_size: int = 200  # scheduling decisions kept for /debug/decisions
 
     # runtime structure (measured choices; see epp/extproc/README.md and epp/datalayer/README)
     extproc_core: str | None = None  # "fast" (our HTTP/2 core) | "grpcio" (grpc.aio); None = $EPP_EXTPROC_CORE or fast
@@ -130,6 +131,8 @@ class ServeOptions:
             raise OptionsError("--request-timeout must not be negative (0 disables it)")
         if self.max_request_body_bytes <= 0:
             raise OptionsError("--max-request-body-bytes must be positive")
+        if self.decision_log_size <= 0:
+            raise OptionsError(f"--decision-log-size must be positive, got {self.decision_log_size}")
         if self.extproc_core not in (None, *EXTPROC_CORES):
             raise OptionsError(f"--extproc-core must be one of {', '.join(EXTPROC_CORES)}")
         if self.extproc_max_concurrent_streams < 1 or self.extproc_max_connections < 1:

@@ -162,6 +162,7 @@ class EppServer:
             response_body_policy=opts.response_body_policy,
             pool_name=opts.pool_name,
             destination_fallbacks=opts.destination_fallbacks,
+            decision_log_size=opts.decision_log_size,
         ))
         self._start_crd_sync()
         stream_settings = StreamSettings(max_body_bytes=opts.max_request_body_bytes,

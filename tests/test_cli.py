@@ -197,6 +197,7 @@ def test_pool_namespace_from_environment(monkeypatch) -> None:
     (["--grpc-port", "9090"], "must differ"),
     (["--metrics-staleness-threshold", "0s"], "metrics-staleness-threshold must be positive"),
     (["--destination-fallbacks", "-1"], "--destination-fallbacks must not be negative"),
+    (["--decision-log-size", "0"], "--decision-log-size must be positive, got 0"),
     (["--grpc-por", "1"], "unrecognized arguments"),  # no abbreviations, like Go flags
 ])
 def test_bad_flags_exit_2_with_a_message(argv: list[str], message: str, capsys) -> None:

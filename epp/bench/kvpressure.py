@@ -48,6 +48,7 @@ from epp.bench.procs import ManagedProcess, ProcessGroup, free_port
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 PRECISE_CONFIG = CONFIG_DIR / "precise-prefix.yaml"
 VLLM_EVENT_PORT = 5557
+DECISION_LOG = 5000  # decisions an EPP keeps: more than a run routes (~550 at the defaults)
 MODEL = workloads.DEFAULT_MODEL
 
 
@@ -200,8 +201,10 @@ def start_routers(group: ProcessGroup, policy: KVPolicy, replicas: int, fleet: P
                   installs: Mapping[str, peers_mod.PeerInstall]) -> Routers:
     if policy.kind == "epp":
         config = _epp_config(policy, fleet, group.log_dir)
+        # Every decision of the run is kept for the tail diagnosis (/debug/decisions, saved at the end).
         epps = [stacks.start_epp(group, fleet.addresses, config_file=config, name=f"epp-{i}",
-                                 extra=["--request-timeout", f"{settings.request_timeout:g}s"])
+                                 extra=["--request-timeout", f"{settings.request_timeout:g}s",
+                                        "--decision-log-size", str(DECISION_LOG)])
                 for i in range(replicas)]
         envoy = stacks.start_envoy_template(group, settings.envoy_template, backends=fleet.addresses,
                                             epp_replicas=[f"127.0.0.1:{e.grpc_port}" for e in epps])
@@ -348,7 +351,8 @@ def _save_debug(epps: Sequence[stacks.EppHandle], log_dir: Path) -> None:
     import urllib.request
 
     for i, e in enumerate(epps):
-        for path, name in (("/debug/plugins", "plugins"), ("/debug/decisions?n=1000", "decisions"), ("/metrics", "metrics")):
+        for path, name in (("/debug/plugins", "plugins"), (f"/debug/decisions?n={DECISION_LOG}", "decisions"),
+                           ("/metrics", "metrics")):
             try:
                 with urllib.request.urlopen(e.metrics_url + path, timeout=5) as r:  # noqa: S310
                     (log_dir / f"epp-{i}-{name}.txt").write_bytes(r.read())

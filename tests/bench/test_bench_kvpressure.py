@@ -52,6 +52,11 @@ def test_kv_pressure_smoke(tmp_path: Path) -> None:
         assert run["routed_requests"] > 0 and run["direct_requests"] > 0, name
         assert run["restart_downtime_s"] is not None and run["scrape_errors"] == {}, name
         assert run["ok"] > 0 and 0.0 <= run["hit_rate"] <= 1.0
+    # The EPP's decision for every routed request is kept for the tail diagnosis.
+    run = entry["cells"]["precise x1"]["runs"][0]
+    saved = json.loads((tmp_path / "quality" / "logs" / "kv-pressure" / "precisex1" / "run1" / "epp-0-decisions.txt")
+                       .read_text())["decisions"]
+    assert len({d["request_id"] for d in saved}) >= run["ok"]
     summary = (tmp_path / "quality" / "summary.md").read_text()
     assert "### kv-pressure" in summary and "| precise x2 |" in summary and "Targets:" in summary
     assert "Where the p90 comes from" in summary

@@ -84,6 +84,20 @@ def test_metrics_and_debug_pages(epp_launcher, backends):
     assert epp.get_json("/debug/decisions") == {"decisions": []}
 
 
+def test_decision_log_keeps_the_last_n(epp_launcher, envoy_launcher, backends):
+    """--decision-log-size: /debug/decisions keeps the newest N (the kv-pressure bench keeps a whole run)."""
+    epp = epp_launcher(backends.addresses, config_text=CONFIG.format(picker="random-picker"),
+                       extra=["--decision-log-size", "2"])
+    envoy = envoy_launcher("envoy.yaml", epp_port=epp.grpc_port)
+    for i in range(3):
+        req = urllib.request.Request(envoy.url + "/v1/completions", data=b'{"model":"m1","prompt":"hi"}',
+                                     headers={"content-type": "application/json", "x-request-id": f"log-{i}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+    kept = epp.get_json("/debug/decisions?n=10")["decisions"]
+    assert [d["request_id"] for d in kept] == ["log-2", "log-1"]
+
+
 def test_tls_between_envoy_and_epp(epp_launcher, envoy_launcher, backends):
     epp = epp_launcher(backends.addresses, config_text=CONFIG.format(picker="random-picker"), secure=True)
     envoy = envoy_launcher("envoy.yaml", epp_port=epp.grpc_port, epp_tls=True)

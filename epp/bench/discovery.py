@@ -204,7 +204,7 @@ def _markdown(r: dict[str, Any]) -> str:
     w, v, q = r["watch_path"], r["visible_ms"], r["request_ms"]
     yes = {True: "yes", False: "**no**"}
     return "\n".join([
-        "# Discovery under pod churn",
+        "# Discovery under pod churn (`epp bench discovery`)",
         "",
         f"{r['pods']} Ready pods in one InferencePool, {r['churn_updates_per_s']:g} pod updates/s (in-memory API "
         f"server in its own process): {r['seconds']:g} s of churn alone, then the default scheduling pipeline over "

@@ -71,3 +71,25 @@ def test_write_docs_assembles_sections_and_copies_plots(tmp_path: Path) -> None:
 def test_machine_info_describes_this_machine() -> None:
     m = report.machine_info()
     assert m["logical_cpus"] and m["python"] and m["cpu"]
+
+
+def test_write_docs_replaces_sections_it_has_results_for_and_keeps_the_others(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    (out / "quality").mkdir(parents=True)
+    (out / "quality" / "summary.md").write_text("## Quality\n\nnew quality table\n")
+    (out / "discovery").mkdir()
+    (out / "discovery" / "summary.md").write_text("# Discovery\n\nfirst discovery run\n")
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nold machine line\n\n"
+                    "## Overload study (hand-written)\n\nanalysis\n\n```\n## not a heading\n```\n\n"
+                    "## Quality\n\nold quality table\n\n## Not included\n\nNo results were found for: `x`.\n")
+    report.write_docs(out, docs, machine={"cpu": "TestCPU", "logical_cpus": 2})
+    text = docs.read_text()
+    assert "old machine line" not in text and "TestCPU" in text
+    assert "old quality table" not in text
+    # the kept section stays in place (before the regenerated one), with its fenced block intact
+    assert text.index("## Overload study (hand-written)\n\nanalysis\n\n```\n## not a heading\n```") \
+        < text.index("## Quality\n\nnew quality table") < text.index("## Discovery\n\nfirst discovery run")
+    assert text.count("## Not included") == 1 and "`x`" not in text
+    report.write_docs(out, docs, machine={"cpu": "TestCPU", "logical_cpus": 2})
+    assert docs.read_text() == text  # regenerating from the same results changes nothing

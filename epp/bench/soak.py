@@ -250,10 +250,10 @@ def summary_markdown(result: dict[str, Any]) -> str:
         f"The EPP process (default config, {s['servers']} `epp sim` servers scraped every 50 ms) under h2load: "
         f"{s['rounds']} rounds of {s['clients']} connections x {s['streams']} streams, each replaying a full-duplex "
         "ext_proc stream with the response (the whole request lifecycle). Warm-up: the first "
-        f"{s['warmup_fraction']:.0%} of the requests. Target: growth below {s['max_growth_mb']:g} MB.",
+        f"{s['warmup_fraction']:.0%} of the requests. Target: growth below {s['max_growth_mb']:g} MiB.",
         "",
-        markdown_table(["requests", "failed", "req/s", "RSS start (MB)", "after warm-up (MB)", "final (MB)",
-                        "peak (MB)", "growth (MB)", "collector growth (MB)"], [row]),
+        markdown_table(["requests", "failed", "req/s", "RSS start (MiB)", "after warm-up (MiB)", "final (MiB)",
+                        "peak (MiB)", "growth (MiB)", "collector growth (MiB)"], [row]),
         "",
         f"The EPP counted {r['epp_routed']:,} routed and {r['epp_completed']:,} completed requests, "
         f"{r['epp_errors']} errors, {r['epp_running_at_end']} still running at the end. "

@@ -308,6 +308,8 @@ def write_docs(out_dir: Path, docs_path: Path, *, machine: Mapping[str, Any] | N
         text = _IMG.sub(lambda mm: f"{mm.group(1)}{rel}/{mm.group(2)}{mm.group(3)}", text).rstrip()
         fresh += [s for s in _top_sections(text) if s[0] or s[1]]
     old = _top_sections(docs_path.read_text()) if docs_path.exists() else []
+    if old and not fresh:
+        preamble = old[0][1]  # nothing regenerated: the machine line still describes the kept runs
     new_by_title = {title: block for title, block in fresh}
     blocks = [preamble]
     for title, block in old:
@@ -315,7 +317,7 @@ def write_docs(out_dir: Path, docs_path: Path, *, machine: Mapping[str, Any] | N
             continue
         blocks.append(new_by_title.pop(title, block))
     blocks += [block for title, block in fresh if title in new_by_title]
-    if missing:
+    if missing and not old:  # a first document says what it lacks; a kept one has the older runs
         blocks.append("## Not included\n\nNo results were found for: "
                       + ", ".join(f"`{b}`" for b in missing) + ".")
     docs_path.parent.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,7 @@ def test_soak_smoke(tmp_path: Path) -> None:
     assert r["succeeded"] == r["requests"] == r["epp_routed"] == r["epp_completed"] == 2000
     assert r["failed"] == r["epp_errors"] == r["epp_running_at_end"] == 0
     assert r["rss_warm_mb"] > 0 and len(r["rounds"]) == 2 and r["samples"]
-    assert "RSS start (MB)" in (tmp_path / "soak" / "summary.md").read_text()
+    assert "RSS start (MiB)" in (tmp_path / "soak" / "summary.md").read_text()
 
 
 def test_quality_overload_smoke(tmp_path: Path) -> None:

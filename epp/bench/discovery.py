@@ -18,7 +18,8 @@ A request's latency runs from its scheduled start to the end of its decision, so
 behind watch processing on the event loop counts; the same timer granularity (~1 ms) is in
 both phases. With two or more CPUs the API server is pinned to one of them and this process to
 the others: in a cluster the API server does not share the EPP's cores, and on a 2-core machine
-its own CPU during the churn slices would otherwise land on the request path's tail. Targets: update visible within 100 ms p99; request p99 within 10% of no churn.
+its own CPU during the churn slices would otherwise land on the request path's tail.
+Targets: update visible within 100 ms p99; request p99 within 10% of no churn.
 """
 
 from __future__ import annotations

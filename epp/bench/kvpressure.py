@@ -510,11 +510,8 @@ def report_lines(entry: Mapping[str, Any]) -> list[str]:
         "interleaved. Values: median (min–max) over the runs. TTFT is of the routed requests (the direct third is "
         "the `direct p90` column); the hit rate is client-side, cached / prompt tokens of the routed requests.",
         "",
-        "Policies: " + "; ".join(f"`{k}`: {v}" for k, v in entry["policies"].items()) + ".",
-        "",
+        *report.policies_markdown(entry["policies"], entry.get("skipped_policies")),
     ]
-    if entry.get("skipped_policies"):
-        lines += ["Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in entry["skipped_policies"].items()) + ".", ""]
     rows = []
     for name, cell in entry["cells"].items():
         a = cell["aggregate"]

@@ -530,11 +530,8 @@ def write_quality_report(result: Mapping[str, Any], out: Path) -> Path:
         "Offered load is a fraction of the fleet's load-blind capacity, computed by running the sim's own "
         "scheduler on a virtual clock with the workload's request mix (`epp/bench/capacity.py`).",
         "",
-        "Policies: " + "; ".join(f"`{k}`: {v}" for k, v in result["policies"].items()) + ".",
-        "",
+        *report.policies_markdown(result["policies"], result.get("skipped_policies")),
     ]
-    if result.get("skipped_policies"):
-        lines += ["Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in result["skipped_policies"].items()) + ".", ""]
     if result.get("smoke"):
         lines += ["**Smoke run**: tiny parameters to keep the harness working; the numbers mean nothing.", ""]
     for wl_name in names:

@@ -83,6 +83,14 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
+def policies_markdown(policies: Mapping[str, str], skipped: Mapping[str, str] | None = None) -> list[str]:
+    """The lines naming a quality run's policies (and those it skipped), as Markdown paragraphs."""
+    lines = ["Policies: " + "; ".join(f"`{k}`: {v}" for k, v in policies.items()) + ".", ""]
+    if skipped:
+        lines += ["Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()) + ".", ""]
+    return lines
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:

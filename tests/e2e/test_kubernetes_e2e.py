@@ -21,6 +21,7 @@ from typing import Callable
 
 import grpc
 import pytest
+from epp_configs import RANDOM_PICKER
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp.bench.kubeapi import KubeApiThread, inference_pool, pod, ready_patch, write_kubeconfig
@@ -33,16 +34,6 @@ pytestmark = pytest.mark.envoy
 NS = "inference"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 POOL = R.INFERENCE_POOLS[R.POOL_GROUP]
-CONFIG = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: random-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: random-picker
-"""
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -75,7 +66,7 @@ def cluster(procs: ProcessGroup, tmp_path_factory) -> Cluster:
 
 
 def launch_epp(epp_launcher, cluster: Cluster, pool: str, *extra: str):
-    return epp_launcher([], config_text=CONFIG, wait=False, extra=[
+    return epp_launcher([], config_text=RANDOM_PICKER, wait=False, extra=[
         "--pool-name", pool, "--pool-namespace", NS, "--kubeconfig", cluster.kubeconfig, *extra])
 
 

@@ -43,6 +43,13 @@ HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, SETTINGS_TIMEOUT = 0x0, 0x1, 0x2, 0x3, 0x4
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x8, 0x9
 ENHANCE_YOUR_CALM = 0xB
+# RFC 9113 §6 frame types and the flags the tests set, likewise.
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+END_STREAM, END_HEADERS, PADDED, PRIO = 0x1, 0x4, 0x8, 0x20
+
+
+def u32(n: int) -> bytes:
+    return struct.pack(">I", n)
 
 
 def raw(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:

@@ -14,24 +14,36 @@ from extproc_support import new_director
 from h2peer import (
     CANCEL,
     COMPRESSION_ERROR,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
     FLOW_CONTROL_ERROR,
     FRAME_SIZE_ERROR,
+    GOAWAY,
+    HEADERS,
     HEALTH_CHECK,
     HEALTH_WATCH,
     INTERNAL_ERROR,
+    PADDED,
+    PING,
     PREFACE,
+    PRIO,
+    PRIORITY,
     PROTOCOL_ERROR,
+    PUSH_PROMISE,
+    RST_STREAM,
+    SETTINGS,
     STREAM_CLOSED,
+    WINDOW_UPDATE,
     Peer,
     ServerThread,
     grpc_message,
     raw,
+    u32,
 )
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 from hyperframe.frame import WindowUpdateFrame
-
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-END_STREAM, END_HEADERS, PADDED, PRIO = 0x1, 0x4, 0x8, 0x20
 
 
 @pytest.fixture(autouse=True)
@@ -50,10 +62,6 @@ def server():
 def peer(server):
     with Peer(server.port) as p:
         yield p.handshake()
-
-
-def u32(n: int) -> bytes:
-    return struct.pack(">I", n)
 
 
 def frame_head(ftype: int, flags: int, sid: int, length: int) -> bytes:

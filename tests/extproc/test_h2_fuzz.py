@@ -14,15 +14,30 @@ import struct
 import hpack
 import pytest
 from extproc_support import REQ_HEADERS, body_msg, completion_body, headers_msg, new_director
-from h2peer import PROCESS, ConnectionClosed, Peer, ServerThread, grpc_message, raw
+from h2peer import (
+    CONTINUATION,
+    DATA,
+    HEADERS,
+    HEALTH_CHECK,
+    HEALTH_WATCH,
+    INTERNAL_ERROR,
+    PRIORITY,
+    PROCESS,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    ConnectionClosed,
+    Peer,
+    ServerThread,
+    grpc_message,
+    raw,
+)
 from hyperframe.frame import GoAwayFrame, RstStreamFrame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PING, WINDOW_UPDATE, CONTINUATION = 0, 1, 2, 3, 4, 6, 8, 9
-INTERNAL_ERROR = 0x2
 
-PATHS = [PROCESS, "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/x.Y/Z"]
+PATHS = [PROCESS, HEALTH_CHECK, HEALTH_WATCH, "/x.Y/Z"]
 MESSAGES = [headers_msg(REQ_HEADERS).SerializeToString(), body_msg(completion_body(), True).SerializeToString(),
             body_msg(b"partial", False).SerializeToString(), headers_msg({":status": "200"}, response=True).SerializeToString(),
             body_msg(b"data: tok\n\n", False, response=True).SerializeToString(), b"", b"\xff\x00garbage"]

@@ -8,30 +8,33 @@ loop, so the bounds are checked exactly, never by timing.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 
 import pytest
 from extproc_support import new_director
 from h2peer import (
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
     ENHANCE_YOUR_CALM,
     FLOW_CONTROL_ERROR,
+    HEADERS,
     NO_ERROR,
     PROCESS,
     REFUSED_STREAM,
+    RST_STREAM,
     SETTINGS_TIMEOUT,
     Peer,
     ServerThread,
     grpc_message,
     raw,
+    u32,
 )
 from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
 
 from epp.extproc.h2.limits import Limits
-
-DATA, HEADERS, RST_STREAM, CONTINUATION = 0, 1, 3, 9
-END_STREAM, END_HEADERS = 0x1, 0x4
 
 
 @pytest.fixture(autouse=True)
@@ -50,10 +53,6 @@ def only_connection(server: ServerThread):
     conns = server.connections()
     assert len(conns) == 1
     return conns[0]
-
-
-def u32(n: int) -> bytes:
-    return struct.pack(">I", n)
 
 
 # --- header blocks --------------------------------------------------------------------------------
